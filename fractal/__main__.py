@@ -1,0 +1,5 @@
+import sys
+
+from fractal.cli import main
+
+sys.exit(main())
