@@ -1,4 +1,9 @@
+import os
+
 import pytest
+
+# Tiny models run faster on one thread, and CI has two cores shared with the server tests' subprocesses.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def _has_cuda() -> bool:
@@ -7,6 +12,15 @@ def _has_cuda() -> bool:
     except ImportError:
         return False
     return torch.cuda.is_available()
+
+
+def pytest_configure(config):
+    try:
+        import torch
+    except ImportError:
+        return
+    if not torch.cuda.is_available():
+        torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,0 +1,244 @@
+"""Routed experts: permute tokens by expert, two grouped GEMMs with SiLU-and-mul between, weighted combine.
+
+Layouts (nn.Linear convention, out x in):
+    hidden       [T, H]            bf16/fp16/fp32
+    w13          [E, 2*I, H]       gate rows 0:I, up rows I:2I
+    w2           [E, H, I]
+    topk_weights [T, k]  float32   (from moe_routing.route)
+    topk_ids     [T, k]  int32/int64
+    returns      [T, H]  hidden.dtype = sum_j topk_weights[t, j] * expert_{ids[t, j]}(hidden[t])
+    expert(x) = w2 @ (silu(w13[:I] @ x) * (w13[I:] @ x))
+Fast backends (CUDA):
+    "grouped_mm": sort the T*k (token, slot) pairs by expert, gather rows, torch._grouped_mm (CUTLASS) twice,
+                  Triton SiLU-and-mul and a Triton combine that reads rows back through the inverse permutation.
+    "triton":     vLLM-style fused-MoE GEMM: rows padded per expert to BLOCK_M, each program one expert tile,
+                  gathering its rows itself (no permuted copy of hidden); good at small T.
+No host synchronisation in either path (graph-capturable). The reference loops over experts in plain torch.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fractal.errors import FractalError
+from fractal.kernels._triton_support import HAS_TRITON, next_pow2, use_triton
+
+BACKENDS = ("grouped_mm", "triton")
+
+if HAS_TRITON:
+    from fractal.kernels._triton_support import tl, triton
+
+    @triton.jit
+    def _silu_and_mul_kernel(h_ptr, out_ptr, stride_h, stride_o, I, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < I
+        g = tl.load(h_ptr + row * stride_h + cols, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(h_ptr + row * stride_h + I + cols, mask=mask, other=0.0).to(tl.float32)
+        a = (g / (1.0 + tl.exp(-g))).to(out_ptr.dtype.element_ty).to(tl.float32) * u
+        tl.store(out_ptr + row * stride_o + cols, a.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _combine_kernel(y_ptr, idx_ptr, w_ptr, out_ptr, stride_y, stride_o, H,
+                        K: tl.constexpr, HAS_IDX: tl.constexpr, BLOCK: tl.constexpr):
+        t = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < H
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for j in tl.static_range(K):
+            if HAS_IDX:
+                r = tl.load(idx_ptr + t * K + j).to(tl.int64)
+            else:
+                r = t * K + j
+            w = tl.load(w_ptr + t * K + j)
+            acc += w * tl.load(y_ptr + r * stride_y + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + t * stride_o + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _moe_gemm_kernel(
+        a_ptr, b_ptr, c_ptr, sorted_ids_ptr, block_expert_ptr,
+        N, K, num_valid, a_row_div,
+        stride_am, stride_be, stride_bn, stride_cm,
+        E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """C[row] = A[row // a_row_div] @ B[e]^T for the BLOCK_M padded rows of one expert block."""
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+        if e >= E:
+            return
+        rows = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+        rmask = rows < num_valid
+        a_rows = (rows // a_row_div).to(tl.int64)
+        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = n < N
+        kk = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + a_rows[:, None] * stride_am + kk[None, :]
+        b_ptrs = b_ptr + e * stride_be + n.to(tl.int64)[None, :] * stride_bn + kk[:, None]
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kmask = (k0 + kk) < K
+            a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
+            acc = tl.dot(a, b, acc)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K
+        c_ptrs = c_ptr + rows.to(tl.int64)[:, None] * stride_cm + n[None, :]
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=rmask[:, None] & nmask[None, :])
+
+
+def _silu_and_mul_ref(h: torch.Tensor) -> torch.Tensor:
+    g, u = h.chunk(2, dim=-1)
+    return F.silu(g) * u
+
+
+def fused_experts_ref(
+    hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+) -> torch.Tensor:
+    """Plain torch: for each expert that got tokens, run its MLP on them and add the weighted rows."""
+    T, H = hidden.shape
+    out = torch.zeros(T, H, dtype=torch.float32, device=hidden.device)
+    flat_ids = topk_ids.reshape(-1).long()
+    flat_w = topk_weights.reshape(-1).float()
+    token_of = torch.arange(T, device=hidden.device).repeat_interleave(topk_ids.shape[1])
+    for e in torch.unique(flat_ids).tolist():
+        sel = (flat_ids == e).nonzero().squeeze(1)
+        x = hidden.index_select(0, token_of[sel])
+        a = _silu_and_mul_ref(x @ w13[e].t())
+        y = a @ w2[e].t()
+        out.index_add_(0, token_of[sel], y.float() * flat_w[sel, None])
+    return out.to(hidden.dtype)
+
+
+def _check(hidden, w13, w2, topk_ids) -> None:
+    E, two_i, H = w13.shape
+    if hidden.shape[-1] != H or w2.shape != (E, H, two_i // 2):
+        raise FractalError(
+            f"MoE shapes disagree: hidden {tuple(hidden.shape)}, w13 {tuple(w13.shape)} (want [E, 2I, H]), "
+            f"w2 {tuple(w2.shape)} (want [E, H, I])"
+        )
+
+
+def silu_and_mul(h: torch.Tensor) -> torch.Tensor:
+    """[M, 2I] = [gate | up] -> silu(gate) * up [M, I] (silu rounded to h's dtype first, as in torch)."""
+    if not use_triton(h):
+        return _silu_and_mul_ref(h)
+    M, two_i = h.shape
+    I = two_i // 2
+    out = torch.empty(M, I, dtype=h.dtype, device=h.device)
+    if M:
+        block = min(1024, next_pow2(I))
+        _silu_and_mul_kernel[(M, triton.cdiv(I, block))](h, out, h.stride(0), out.stride(0), I, BLOCK=block,
+                                                         num_warps=4)
+    return out
+
+
+def _combine(y, idx, weights, T, k, out_dtype):
+    H = y.shape[1]
+    out = torch.empty(T, H, dtype=out_dtype, device=y.device)
+    if T:
+        block = min(1024, next_pow2(H))
+        _combine_kernel[(T, triton.cdiv(H, block))](
+            y, idx if idx is not None else weights, weights, out, y.stride(0), out.stride(0), H,
+            K=k, HAS_IDX=idx is not None, BLOCK=block, num_warps=4,
+        )
+    return out
+
+
+def _experts_grouped_mm(hidden, w13, w2, topk_weights, topk_ids):
+    T, k = topk_ids.shape
+    E = w13.shape[0]
+    flat = topk_ids.reshape(-1).to(torch.int32)
+    sorted_ids, order = torch.sort(flat, stable=True)
+    offs = torch.searchsorted(sorted_ids, torch.arange(E, device=flat.device, dtype=torch.int32), right=True)
+    offs = offs.to(torch.int32)
+    x = hidden.index_select(0, order // k)
+    h = torch._grouped_mm(x, w13.transpose(1, 2), offs=offs)
+    a = silu_and_mul(h)
+    y = torch._grouped_mm(a, w2.transpose(1, 2), offs=offs)
+    inv = torch.empty_like(order)
+    inv[order] = torch.arange(order.numel(), device=order.device)
+    return _combine(y, inv, topk_weights.float().contiguous(), T, k, hidden.dtype)
+
+
+def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of the flat (token, slot) list grouped by expert and padded per expert to block_m, on the device.
+
+    Returns sorted_ids int32 [T*k + E*(block_m-1)] (padding = T*k) and block_expert int32 [len // block_m]
+    (expert of each block; num_experts for blocks past the end). No host sync.
+    """
+    flat = topk_ids.reshape(-1).to(torch.int32)
+    n = flat.numel()
+    dev = flat.device
+    sorted_ids, order = torch.sort(flat, stable=True)
+    experts = torch.arange(num_experts, device=dev, dtype=torch.int32)
+    ends = torch.searchsorted(sorted_ids, experts, right=True)
+    starts = torch.searchsorted(sorted_ids, experts, right=False)
+    padded = (ends - starts + block_m - 1) // block_m * block_m
+    pend = torch.cumsum(padded, 0)
+    pstart = pend - padded
+    e_of = sorted_ids.long()
+    dest = pstart[e_of] + (torch.arange(n, device=dev) - starts[e_of])
+    cap = n + num_experts * (block_m - 1)
+    cap = (cap + block_m - 1) // block_m * block_m
+    out_ids = torch.full((cap,), n, dtype=torch.int32, device=dev)
+    out_ids[dest] = order.to(torch.int32)
+    block_start = torch.arange(0, cap, block_m, device=dev)
+    block_expert = torch.searchsorted(pend, block_start, right=True).to(torch.int32)
+    return out_ids, block_expert
+
+
+def _moe_gemm(a, w, sorted_ids, block_expert, num_valid, a_row_div, block_m):
+    E, N, K = w.shape
+    c = torch.empty(num_valid, N, dtype=a.dtype, device=a.device)
+    big = num_valid >= 1024
+    block_n = 128 if big else 64
+    block_k = 64 if big else 128
+    grid = (block_expert.numel(), triton.cdiv(N, block_n))
+    _moe_gemm_kernel[grid](
+        a, w, c, sorted_ids, block_expert, N, K, num_valid, a_row_div,
+        a.stride(0), w.stride(0), w.stride(1), c.stride(0),
+        E=E, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=8 if big else 4, num_stages=3 if big else 4,
+    )
+    return c
+
+
+def _experts_triton(hidden, w13, w2, topk_weights, topk_ids):
+    T, k = topk_ids.shape
+    E = w13.shape[0]
+    n = T * k
+    block_m = 16 if n <= 256 else (32 if n <= 2048 else 64)
+    sorted_ids, block_expert = moe_align(topk_ids, E, block_m)
+    h = _moe_gemm(hidden, w13, sorted_ids, block_expert, n, k, block_m)
+    a = silu_and_mul(h)
+    y = _moe_gemm(a, w2, sorted_ids, block_expert, n, 1, block_m)
+    return _combine(y, None, topk_weights.float().contiguous(), T, k, hidden.dtype)
+
+
+def fused_experts(
+    hidden: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Weighted sum of the routed experts' outputs, [T, H]. backend None picks by measurement (docs/perf-notes.md)."""
+    _check(hidden, w13, w2, topk_ids)
+    if not use_triton(hidden, w13, w2):
+        return fused_experts_ref(hidden, w13, w2, topk_weights, topk_ids)
+    if backend is None:
+        backend = default_backend(topk_ids.numel())
+    if backend not in BACKENDS:
+        raise FractalError(f"MoE backend {backend!r} is not valid; valid: {list(BACKENDS)}")
+    if hidden.stride(-1) != 1:
+        hidden = hidden.contiguous()
+    if backend == "grouped_mm":
+        return _experts_grouped_mm(hidden, w13, w2, topk_weights, topk_ids)
+    return _experts_triton(hidden, w13, w2, topk_weights, topk_ids)
+
+
+def default_backend(num_pairs: int) -> str:
+    """Backend for T*k (token, expert) pairs: the measured winner (see docs/perf-notes.md)."""
+    return "triton" if num_pairs <= 512 else "grouped_mm"

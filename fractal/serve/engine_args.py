@@ -1,0 +1,38 @@
+"""Engine options shared by `fractal serve` and `fractal bench offline` (same names as `fractal generate`)."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    e = parser.add_argument_group("engine")
+    e.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
+    e.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    e.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"],
+                   help="dummy: random weights at the config's shapes (no checkpoint needed)")
+    e.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
+    e.add_argument("--max-num-seqs", type=int, default=64, help="sequences in the running batch at most")
+    e.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens computed per step at most")
+    e.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output, tokens")
+    e.add_argument("--prefill-chunk-size", type=int, default=None)
+    e.add_argument("--no-chunked-prefill", action="store_true")
+    e.add_argument("--no-prefix-caching", action="store_true")
+    e.add_argument("--prefill-order", default="fcfs", choices=["fcfs", "shortest"])
+    e.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    e.add_argument("--num-gpu-blocks", type=int, default=None)
+    e.add_argument("--kv-cache-memory-bytes", type=int, default=None)
+    e.add_argument("--seed", type=int, default=0, help="engine seed (requests without their own seed)")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    """EngineConfig keyword arguments from the parsed options."""
+    return dict(
+        tokenizer=args.tokenizer, dtype=args.dtype, device=args.device, load_format=args.load_format,
+        block_size=args.block_size, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+        prefill_chunk_size=args.prefill_chunk_size, enable_chunked_prefill=not args.no_chunked_prefill,
+        enable_prefix_caching=not args.no_prefix_caching, prefill_order=args.prefill_order,
+        gpu_memory_utilization=args.gpu_memory_utilization, num_gpu_blocks=args.num_gpu_blocks,
+        kv_cache_memory_bytes=args.kv_cache_memory_bytes, seed=args.seed,
+    )
