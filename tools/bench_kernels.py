@@ -165,7 +165,7 @@ def bench_moe():
                     lambda: fused_experts(x, w13, w2, w, ids, backend=backend), b, f, err)
             if T in (1, 256):
                 row("moe_experts", f"{name} T={T} E={E} k={k}", "torch-loop",
-                    lambda: fused_experts_ref(x, w13, w2, w, ids), b, f)
+                    lambda: fused_experts_ref(x, w13, w2, w, ids), b, f, graph=False)
         del w13, w2
 
 
@@ -245,9 +245,10 @@ def bench_prefill():
             b = (sum(seq) * hkv * d * 2 + 2 * sum(qls) * hq * d) * 2
             shape = f"{name} {label}"
             row("prefill_attn", shape, "triton",
-                lambda: paged_prefill_attention(q, cache, qsl, sl, bt, d ** -0.5, max_query_len=max(qls)), b, f, err)
+                lambda: paged_prefill_attention(q, cache, qsl, sl, bt, d ** -0.5, max_query_len=max(qls)), b, f, err,
+                graph=False)
             row("prefill_attn", shape, "sdpa+gather",
-                lambda: sdpa_prefill_attention(q, cache, qsl, sl, bt, d ** -0.5, qls, seq), b, f)
+                lambda: sdpa_prefill_attention(q, cache, qsl, sl, bt, d ** -0.5, qls, seq), b, f, graph=False)
             del cache
     # MLA prefill (DeepSeek-V2-Lite): 16 heads, qk 192, v 128, contiguous K/V
     for label, qls, ctxs in cases[:2]:
@@ -273,8 +274,8 @@ def bench_prefill():
         f = 2 * 16 * (192 + 128) * _causal_pairs(qls, ctxs)
         b = (sum(seq) * 16 * (192 + 128) + sum(qls) * 16 * (192 + 128)) * 2
         row("mla_prefill", f"dsv2lite {label}", "triton",
-            lambda: varlen_attention(q, k, v, cuq, cuk, 192 ** -0.5, max_query_len=max(qls)), b, f, err)
-        row("mla_prefill", f"dsv2lite {label}", "sdpa", sdpa, b, f)
+            lambda: varlen_attention(q, k, v, cuq, cuk, 192 ** -0.5, max_query_len=max(qls)), b, f, err, graph=False)
+        row("mla_prefill", f"dsv2lite {label}", "sdpa", sdpa, b, f, graph=False)
 
 
 def bench_sampling():
@@ -290,7 +291,9 @@ def bench_sampling():
         top_p = torch.full((B,), 0.9, device="cuda")
         b = B * V * 4
         row("sampling", f"B={B} V={V} greedy", "torch", lambda: torch.argmax(logits, -1), b, 0)
-        row("sampling", f"B={B} V={V} topk50 p0.9", "fused", lambda: sample(logits, temp, top_k, top_p), b, 0)
+        row("sampling", f"B={B} V={V} topk50 p0.9", "sort", lambda: sample(logits, temp, top_k, top_p), b, 0)
+        row("sampling", f"B={B} V={V} topk50 p0.9", "topk50",
+            lambda: sample(logits, temp, top_k, top_p, max_top_k=50), b, 0)
 
 
 SECTIONS = {"rmsnorm": bench_rmsnorm, "rotary": bench_rotary, "routing": bench_routing, "moe": bench_moe,

@@ -46,6 +46,11 @@ class EngineConfig:
     floor_gpu: a GPU name of fractal.spec (e.g. "h100") or a GPU JSON file: each step's four-resource
       floor on that GPU is computed (fractal.perf.floor) and reported beside its measured time in
       EngineStats; None turns it off.
+    enforce_eager: never use CUDA graphs (on CUDA, decode steps otherwise replay graphs captured for a
+      ladder of batch sizes up to `cuda_graph_max_batch`, see fractal/engine/cuda_graphs.py).
+    async_scheduling: overlap the CPU with the GPU: step N+1 is scheduled and launched before step N's
+      tokens reach the host (decode inputs are read on the device from step N's sampled tokens); None
+      turns it on for CUDA and off for the CPU. Same tokens as the synchronous loop.
     """
 
     model: str
@@ -69,6 +74,9 @@ class EngineConfig:
     moe_backend: str | None = None
     mla_mode: str = "auto"
     floor_gpu: str | None = None
+    enforce_eager: bool = False
+    cuda_graph_max_batch: int = 512
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         def bad(name: str, want: str):
@@ -93,7 +101,11 @@ class EngineConfig:
             self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")
         ):
             bad("device", "choose auto, cpu, cuda or cuda:N")
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+        if not isinstance(self.enforce_eager, bool):
+            bad("enforce_eager", "must be True or False")
+        if self.async_scheduling not in (None, True, False):
+            bad("async_scheduling", "must be True, False or None (auto: on for CUDA)")
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "cuda_graph_max_batch"):
             positive_int(name)
         for name in ("prefill_chunk_size", "num_gpu_blocks", "max_model_len", "kv_cache_memory_bytes"):
             positive_int(name, allow_none=True)

@@ -80,7 +80,14 @@ class LLMEngine:
                 prefill_order=config.prefill_order,
             )
         )
-        self.runner.allocate_kv_cache(num_blocks)
+        self.runner.allocate_kv_cache(num_blocks, self.max_model_len)
+        self.runner.capture_cuda_graphs()
+        self.async_scheduling = (
+            config.async_scheduling if config.async_scheduling is not None else self.runner.device.type == "cuda"
+        )
+        self._inflight = None  # (SchedulerOutput, StepHandle, StepShape, needs_sync, launch time) in overlap mode
+        self._last_done = 0.0
+        self.step_log: list | None = None  # set to [] to keep (StepShape, seconds) of every step
         self.floor_model = None
         if config.floor_gpu is not None:
             from fractal.engine.step_floor import StepFloorModel
@@ -195,10 +202,69 @@ class LLMEngine:
 
     # --- the loop ------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """One scheduling step; returns the outputs of requests that got tokens or finished.
+
+        With async_scheduling the tokens returned are those of the step launched by the previous call (this
+        call's step runs on the device meanwhile); see fractal/engine/overlap.py."""
+        if self.async_scheduling:
+            return self._step_async()
         sched_out = self.scheduler.schedule()
         if sched_out.is_empty:
             outputs, self._pending = self._pending, []
             return outputs
+        self._note_scheduled(sched_out)
+        shape = self._step_shape(sched_out)
+        t0 = time.perf_counter()
+        results = self.runner.execute(sched_out, self.scheduler.seqs, self.eos_token_ids)
+        self._record_step(shape, time.perf_counter() - t0)
+
+        outputs, self._pending = self._pending, []  # aborted since the last step (kept if execute raised)
+        grown = self.scheduler.update_from_output(sched_out, {sid: r.token_id for sid, r in results.items()})
+        self._emit(grown, results, outputs)
+        return outputs
+
+    def _step_async(self) -> list[RequestOutput]:
+        from fractal.engine import overlap
+
+        produced: list[RequestOutput] = []
+        if self._inflight is not None and self._inflight[3]:
+            produced += self._finish_inflight()  # penalties read every output token: resolve first
+        sched_out = self.scheduler.schedule()
+        launched = None
+        if not sched_out.is_empty:
+            self._note_scheduled(sched_out)
+            shape = self._step_shape(sched_out)
+            t0 = time.perf_counter()
+            handle = self.runner.launch(sched_out, self.scheduler.seqs, self.eos_token_ids)
+            needs_sync = any(
+                overlap.needs_host_tokens(self.scheduler.seqs[c.seq_id].params) for c in sched_out.chunks if c.sample
+            )
+            launched = (sched_out, handle, shape, needs_sync, t0)
+        if self._inflight is not None:
+            produced += self._finish_inflight()
+        if launched is not None:
+            overlap.advance(self.scheduler, launched[0])
+            self._inflight = launched
+            if not self.scheduler.has_unfinished():  # everything stopped: nothing can use this step
+                produced += self._finish_inflight()
+        outputs, self._pending = self._pending, []
+        return outputs + produced
+
+    def _finish_inflight(self) -> list[RequestOutput]:
+        from fractal.engine import overlap
+
+        sched_out, handle, shape, _, t_launch = self._inflight
+        self._inflight = None
+        results = handle.result()
+        t_done = time.perf_counter()
+        self._record_step(shape, t_done - max(t_launch, self._last_done))
+        self._last_done = t_done
+        grown = overlap.resolve(self.scheduler, sched_out, {sid: r.token_id for sid, r in results.items()})
+        outputs: list[RequestOutput] = []
+        self._emit(grown, results, outputs)
+        return outputs
+
+    def _note_scheduled(self, sched_out) -> None:
         now = time.time()
         for seq_id in sched_out.preempted_seq_ids:
             seq = self.scheduler.seqs[seq_id]
@@ -209,16 +275,14 @@ class LLMEngine:
                 metrics.first_scheduled_time = now
                 metrics.num_cached_tokens = self.scheduler.seqs[chunk.seq_id].num_cached_tokens
 
-        t0 = time.perf_counter()
-        results = self.runner.execute(sched_out, self.scheduler.seqs, self.eos_token_ids)
-        self._record_step(sched_out, time.perf_counter() - t0)
-
-        outputs, self._pending = self._pending, []  # aborted since the last step (kept if execute raised)
-        grown = self.scheduler.update_from_output(sched_out, {sid: r.token_id for sid, r in results.items()})
+    def _emit(self, grown, results, outputs: list[RequestOutput]) -> None:
+        """Per new token: stats, stops, text; then one cumulative output per touched request."""
         now = time.time()
         touched: dict[str, Request] = {}
         for seq in grown:
-            request = self.requests[seq.request_id]
+            request = self.requests.get(seq.request_id)
+            if request is None:
+                continue
             touched[request.request_id] = request
             self._on_token(seq, results[seq.seq_id], request, now)
         for request in touched.values():
@@ -226,7 +290,6 @@ class LLMEngine:
                 request.metrics.finished_time = now
                 del self.requests[request.request_id]
             outputs.append(request.to_output())
-        return outputs
 
     def _on_token(self, seq: Sequence, result, request: Request, now: float) -> None:
         metrics = request.metrics
@@ -251,7 +314,7 @@ class LLMEngine:
             self.scheduler.finish(seq, *stop)
             self.runner.free(seq.seq_id)
 
-    def _record_step(self, sched_out, elapsed: float) -> None:
+    def _step_shape(self, sched_out) -> StepShape:
         shape = StepShape(num_seqs=len(sched_out.chunks), num_batched_tokens=sched_out.num_batched_tokens)
         for chunk in sched_out.chunks:
             if chunk.num_tokens == 1 and chunk.sample and chunk.start_pos > 0 and (
@@ -265,8 +328,13 @@ class LLMEngine:
             shape.context_lens.append(chunk.start_pos)
             shape.max_context_len = max(shape.max_context_len, chunk.seq_len)
             shape.num_sampled += int(chunk.sample)
+        return shape
+
+    def _record_step(self, shape: StepShape, elapsed: float) -> None:
         self._stats.last_step = shape
         self._stats.last_step_time_s = elapsed
+        if self.step_log is not None:
+            self.step_log.append((shape, elapsed))
         if self.floor_model is not None:
             floor = self.floor_model(shape)
             self._stats.last_step_floor_s = floor.floor_s

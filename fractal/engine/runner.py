@@ -1,19 +1,31 @@
 """The model runner: owns the model, the KV-cache tensors and the sampler; runs one SchedulerOutput.
 
-Per step (`execute`):
-  1. flatten the chunks: input_ids [T] and positions [T] (start_pos .. start_pos + len - 1 per chunk);
-  2. `AttentionMetadata.build` from query lengths, cached context lengths (= start_pos) and block tables;
-  3. `model.forward(...)` -> hidden [T, H]; every attention layer writes the new tokens' KV into the
-     cache slots and attends over its sequence's blocks;
-  4. keep the last row of each chunk that samples, `model.compute_logits` -> fp32 [B, V];
-  5. `Sampler` with a `SamplingBatch` of those sequences' params, tokens so far and generators.
+Per step (`launch`, then `StepHandle.result`; `execute` does both):
+  1. flatten the chunks on the host: input_ids [T], positions [T] (start_pos .. start_pos + len - 1 per chunk),
+     slot_mapping [T], query/sequence lengths, block tables (numpy for long chunks);
+  2. copy them to the device without a stream sync (pinned staging, non-blocking), so the host can prepare
+     the next step while the device still runs this one; a decode token that is still a placeholder
+     (`PLACEHOLDER`, overlap mode) is read on the device from the previous step's sampled tokens;
+  3. decode-only steps replay a CUDA graph (fractal/engine/cuda_graphs.py) when one fits; otherwise
+     `model.forward(...)` runs eagerly with an AttentionMetadata built from the same tensors;
+  4. the last row of each chunk that samples -> `model.compute_logits` -> fp32 [B, V] -> sampling (all-greedy
+     steps on CUDA: argmax + logsumexp; otherwise the Sampler with a SamplingBatch moved to the device
+     non-blocking);
+  5. the sampled ids and logprobs are copied to pinned host memory behind a CUDA event; `result()` waits for
+     that event only.
+On CUDA the default backends are the Triton ones (fractal/layers/gpu_backends.py) and RMSNorm / RoPE / the
+gated MLP activation are swapped for kernel-backed modules; attention_backend="torch" keeps the plain path.
 
-The KV pool is sized here (`size_kv_pool`), from `model.kv_cache_spec()` and the memory budget.
+The KV pool is sized here (`size_kv_pool`), from `model.kv_cache_spec()` and the memory budget; with CUDA
+graphs one extra block (index num_blocks, never handed out by the scheduler) takes the padded rows' writes.
 """
 from __future__ import annotations
 
+import dataclasses
+import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from fractal.engine.config import EngineConfig
@@ -25,6 +37,8 @@ from fractal.layers.sampler import Sampler, SamplingBatch, make_generator
 
 # KV budget on the CPU when none is given; never more than max_num_seqs full-length sequences need.
 DEFAULT_CPU_KV_BYTES = 256 * 1024**2
+# token id of a decode input that is still on the device (the previous step's sample, overlap mode)
+PLACEHOLDER = -1
 
 
 def resolve_device(name: str) -> torch.device:
@@ -53,6 +67,72 @@ class SampleResult:
     top: dict[int, float] | None  # top-k logprobs when the request asked for them
 
 
+class StepHandle:
+    """A launched step. `result()` waits for its sampled tokens and returns {seq_id: SampleResult}."""
+
+    def __init__(self, seq_ids: list[int], num_logprobs: list[int | None], tokens, logprobs, top_ids, top_lps,
+                 event) -> None:
+        self.seq_ids = seq_ids
+        self.num_logprobs = num_logprobs
+        self._tensors = (tokens, logprobs, top_ids, top_lps)
+        self._event = event
+        self._results: dict[int, SampleResult] | None = None
+
+    def ready(self) -> bool:
+        return self._event is None or self._event.query()
+
+    def result(self) -> dict[int, SampleResult]:
+        if self._results is not None:
+            return self._results
+        if self._event is not None:
+            self._event.synchronize()
+        tokens_t, logprobs_t, top_ids_t, top_lps_t = self._tensors
+        tokens = tokens_t.tolist() if tokens_t is not None else []
+        logprobs = logprobs_t.tolist() if logprobs_t is not None else []
+        top_ids = top_ids_t.tolist() if top_ids_t is not None else None
+        top_lps = top_lps_t.tolist() if top_lps_t is not None else None
+        results = {}
+        for i, seq_id in enumerate(self.seq_ids):
+            top = None
+            k = self.num_logprobs[i]
+            if k is not None:
+                top = {tokens[i]: logprobs[i]}
+                if k > 0 and top_ids is not None:
+                    top.update(zip(top_ids[i][:k], top_lps[i][:k]))
+            results[seq_id] = SampleResult(token_id=tokens[i], logprob=logprobs[i], top=top)
+        self._results = results
+        self._tensors = (None, None, None, None)
+        return results
+
+
+_EMPTY = StepHandle([], [], None, None, None, None, None)
+
+
+@dataclass
+class _HostBatch:
+    """One step flattened on the host (lists / numpy), before any device copy."""
+
+    ids: list[int]
+    positions: np.ndarray | list[int]
+    slots: np.ndarray | list[int]
+    query_lens: list[int]
+    seq_lens: list[int]
+    tables: list[list[int]]
+    sample_rows: list[int]
+    sample_seqs: list[Sequence]
+    placeholder_rows: list[int]
+    placeholder_seq_ids: list[int]
+
+    @property
+    def decode_only(self) -> bool:
+        return all(q == 1 for q in self.query_lens)
+
+
+def _simple_greedy(params) -> bool:
+    return (params.temperature == 0.0 and params.repetition_penalty == 1.0 and params.frequency_penalty == 0.0
+            and params.presence_penalty == 0.0 and not params.logprobs)
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, hf_config: dict):
         from fractal.models.loader import load_model
@@ -60,11 +140,27 @@ class ModelRunner:
         self.config = config
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device, hf_config)
+        self.is_cuda = self.device.type == "cuda"
+        if self.is_cuda:
+            import fractal.layers.gpu_backends  # noqa: F401  registers the Triton backends as CUDA defaults
         torch.manual_seed(config.seed)
         self.model = load_model(
             config.model, dtype=self.dtype, device=self.device, load_format=config.load_format,
             attention_backend=config.attention_backend, moe_backend=config.moe_backend,
             mla_mode=config.mla_mode, seed=config.seed,
+        )
+        self.fast_modules: dict[str, int] = {}
+        attn_name = getattr(self.model.attention_backend, "name", "torch")
+        moe_name = getattr(self.model.moe_backend, "name", "torch")
+        if self.is_cuda and attn_name != "torch":
+            from fractal.layers.gpu_backends import accelerate_model
+
+            self.fast_modules = accelerate_model(self.model)
+        has_moe = self.model.config.moe is not None
+        self.use_cuda_graphs = (
+            self.is_cuda and not config.enforce_eager
+            and getattr(self.model.attention_backend, "supports_cuda_graphs", False)
+            and not (has_moe and moe_name == "torch")
         )
         self.kv_spec = self.model.kv_cache_spec()
         self.block_size = config.block_size
@@ -72,6 +168,10 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = []
         self.sampler = Sampler()
         self.generators: dict[int, torch.Generator] = {}
+        self.graphs = None  # CudaGraphRunner once the KV cache exists
+        # the previous step's sampled ids on the device, and each sampled sequence's row in it (overlap)
+        self._prev_sampled: torch.Tensor | None = None
+        self._prev_rows: dict[int, int] = {}
 
     # --- KV pool -------------------------------------------------------------------------------------
     def size_kv_pool(self, max_model_len: int) -> int:
@@ -89,6 +189,8 @@ class ModelRunner:
             needed = cfg.max_num_seqs * -(-max_model_len // self.block_size) * bytes_per_block
             budget = min(DEFAULT_CPU_KV_BYTES, needed)
         num_blocks = budget // bytes_per_block
+        if self.use_cuda_graphs:
+            num_blocks -= 1  # the pad block
         if num_blocks < 1:
             raise FractalError(
                 f"the KV-cache budget ({budget} bytes) holds no block of {self.block_size} tokens "
@@ -96,11 +198,28 @@ class ModelRunner:
             )
         return num_blocks
 
-    def allocate_kv_cache(self, num_blocks: int) -> None:
+    def allocate_kv_cache(self, num_blocks: int, max_model_len: int | None = None) -> None:
         self.num_blocks = num_blocks
-        self.kv_caches = self.kv_spec.allocate(num_blocks, self.block_size, self.device)
+        extra = 1 if self.use_cuda_graphs else 0
+        self.kv_caches = self.kv_spec.allocate(num_blocks + extra, self.block_size, self.device)
+        if self.use_cuda_graphs:
+            from fractal.engine.cuda_graphs import CudaGraphRunner
 
-    # --- one step -----------------------------------------------------------------------------------
+            self.graphs = CudaGraphRunner(
+                self.model, self.kv_caches, max_batch=min(self.config.max_num_seqs, self.config.cuda_graph_max_batch),
+                block_size=self.block_size, max_model_len=max_model_len or self.model.config.max_position_embeddings,
+                pad_block=num_blocks, device=self.device,
+            )
+
+    def capture_cuda_graphs(self) -> float:
+        """Capture the decode graphs of the smallest context bucket for every ladder size; returns seconds."""
+        if self.graphs is None:
+            return 0.0
+        t0 = time.perf_counter()
+        self.graphs.capture()
+        return time.perf_counter() - t0
+
+    # --- helpers ---------------------------------------------------------------------------------------
     def _generator(self, seq: Sequence) -> torch.Generator | None:
         if seq.params.seed is None:
             return None
@@ -114,61 +233,181 @@ class ModelRunner:
     def free(self, seq_id: int) -> None:
         self.generators.pop(seq_id, None)
 
+    def _h2d(self, data, dtype: torch.dtype) -> torch.Tensor:
+        """Host data -> device tensor; on CUDA through pinned memory without a stream sync."""
+        t = torch.as_tensor(data, dtype=dtype)
+        if not self.is_cuda:
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
+
+    def _d2h(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None or not self.is_cuda:
+            return t
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        return host
+
+    # --- one step ------------------------------------------------------------------------------------
+    def _flatten(self, output: SchedulerOutput, seqs: dict[int, Sequence]) -> _HostBatch:
+        bs = self.block_size
+        ids: list[int] = []
+        pos_parts: list = []
+        slot_parts: list = []
+        short_pos: list[int] = []
+        short_slots: list[int] = []
+        q_lens, seq_lens, tables = [], [], []
+        sample_rows, sample_seqs, ph_rows, ph_seqs = [], [], [], []
+        row = 0
+        for chunk in output.chunks:
+            n, start, table = chunk.num_tokens, chunk.start_pos, chunk.block_table
+            ids.extend(chunk.token_ids)
+            if n <= 8:
+                for p in range(start, start + n):
+                    short_pos.append(p)
+                    short_slots.append(table[p // bs] * bs + p % bs)
+            else:
+                if short_pos:
+                    pos_parts.append(np.asarray(short_pos, dtype=np.int64))
+                    slot_parts.append(np.asarray(short_slots, dtype=np.int64))
+                    short_pos, short_slots = [], []
+                p = np.arange(start, start + n, dtype=np.int64)
+                pos_parts.append(p)
+                slot_parts.append(np.asarray(table, dtype=np.int64)[p // bs] * bs + p % bs)
+            if chunk.token_ids[-1] < 0 or (n > 1 and min(chunk.token_ids) < 0):
+                for j, t in enumerate(chunk.token_ids):
+                    if t < 0:
+                        ph_rows.append(row + j)
+                        ph_seqs.append(chunk.seq_id)
+            q_lens.append(n)
+            seq_lens.append(start + n)
+            tables.append(table)
+            row += n
+            if chunk.sample:
+                sample_rows.append(row - 1)
+                sample_seqs.append(seqs[chunk.seq_id])
+        if pos_parts:
+            if short_pos:
+                pos_parts.append(np.asarray(short_pos, dtype=np.int64))
+                slot_parts.append(np.asarray(short_slots, dtype=np.int64))
+            positions, slots = np.concatenate(pos_parts), np.concatenate(slot_parts)
+        else:
+            positions, slots = short_pos, short_slots
+        return _HostBatch(ids, positions, slots, q_lens, seq_lens, tables, sample_rows, sample_seqs, ph_rows, ph_seqs)
+
+    def _block_table_array(self, tables: list[list[int]], rows: int | None = None, pad: int = 0) -> np.ndarray:
+        rows = len(tables) if rows is None else rows
+        width = max((len(t) for t in tables), default=1) or 1
+        arr = np.full((rows, width), pad, dtype=np.int32)
+        for i, t in enumerate(tables):
+            arr[i, : len(t)] = t
+        return arr
+
+    def _placeholder_fixer(self, hb: _HostBatch):
+        """A function that writes the device-side tokens of placeholder rows into an input_ids view."""
+        if not hb.placeholder_rows:
+            return lambda ids: None
+        if self._prev_sampled is None:
+            raise RuntimeError("a placeholder token was scheduled but no previous step sampled on the device")
+        try:
+            src = [self._prev_rows[s] for s in hb.placeholder_seq_ids]
+        except KeyError as exc:
+            raise RuntimeError(f"sequence {exc.args[0]} has a placeholder token but did not sample last step") from None
+        rows_t = self._h2d(hb.placeholder_rows, torch.long)
+        src_t = self._h2d(src, torch.long)
+        prev = self._prev_sampled
+
+        def fix(ids: torch.Tensor) -> None:
+            ids[rows_t] = prev[src_t]
+
+        return fix
+
+    def _forward(self, hb: _HostBatch) -> torch.Tensor:
+        """Hidden states of the sampling rows [B, H] (graph replay when it fits, else eager)."""
+        fix = self._placeholder_fixer(hb)
+        num_rows = len(hb.ids)
+        if self.graphs is not None and hb.decode_only:
+            key = self.graphs.key_for(num_rows, max(hb.seq_lens))
+            if key is not None:
+                size = key[0]
+                pad = size - num_rows
+                pad_slot = self.graphs.pad_block * self.block_size
+                ids = self._h2d([max(t, 0) for t in hb.ids] + [0] * pad, torch.long)
+                hidden = self.graphs.run(
+                    key, ids,
+                    self._h2d(list(hb.positions) + [0] * pad, torch.long),
+                    self._h2d(list(hb.slots) + [pad_slot] * pad, torch.long),
+                    self._h2d(hb.seq_lens + [1] * pad, torch.int32),
+                    self._h2d(self._block_table_array(hb.tables, size, self.graphs.pad_block), torch.int32),
+                    num_rows, fix,
+                )
+                if hidden is not None:
+                    return hidden  # decode-only: every row samples, in order
+        ids = self._h2d([max(t, 0) for t in hb.ids], torch.long)
+        fix(ids)
+        starts = [0]
+        for q in hb.query_lens:
+            starts.append(starts[-1] + q)
+        meta = AttentionMetadata(
+            query_start_loc=self._h2d(starts, torch.int32),
+            seq_lens=self._h2d(hb.seq_lens, torch.int32),
+            block_tables=self._h2d(self._block_table_array(hb.tables), torch.int32),
+            slot_mapping=self._h2d(hb.slots, torch.long),
+            block_size=self.block_size,
+            query_lens_cpu=list(hb.query_lens),
+            seq_lens_cpu=list(hb.seq_lens),
+        )
+        hidden = self.model.forward(ids, self._h2d(hb.positions, torch.long), meta, self.kv_caches)
+        if len(hb.sample_rows) == num_rows:
+            return hidden
+        return hidden.index_select(0, self._h2d(hb.sample_rows, torch.long))
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence], eos_token_ids):
+        """(sampled ids [B], their logprobs [B], top ids [B, K] | None, top logprobs | None) on the device."""
+        if self.is_cuda and all(_simple_greedy(s.params) and s.num_output_tokens >= s.params.min_tokens
+                                for s in seqs):
+            sampled = logits.argmax(dim=-1)
+            logprob = logits.gather(1, sampled[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+            return sampled, logprob, None, None
+        batch = SamplingBatch.build(
+            params=[s.params for s in seqs],
+            prompt_token_ids=[s.prompt_token_ids for s in seqs],
+            output_token_ids=[s.output_token_ids for s in seqs],
+            generators=[self._generator(s) for s in seqs],
+            device="cpu" if self.is_cuda else self.device,
+            eos_token_ids=set(eos_token_ids),
+        )
+        if self.is_cuda:  # built on the host, moved without a stream sync
+            moved = {f.name: self._h2d(getattr(batch, f.name), getattr(batch, f.name).dtype)
+                     for f in dataclasses.fields(batch) if isinstance(getattr(batch, f.name), torch.Tensor)}
+            batch = dataclasses.replace(batch, **moved)
+        out = self.sampler(logits, batch)
+        return out.sampled, out.sampled_logprob, out.top_ids, out.top_logprobs
+
     @torch.inference_mode()
+    def launch(
+        self, output: SchedulerOutput, seqs: dict[int, Sequence], eos_token_ids: set[int] | frozenset[int]
+    ) -> StepHandle:
+        """Enqueue the step on the device; the host returns before it finishes (on CUDA)."""
+        if output.is_empty:
+            return _EMPTY
+        hb = self._flatten(output, seqs)
+        hidden = self._forward(hb)
+        if not hb.sample_seqs:
+            return _EMPTY
+        logits = self.model.compute_logits(hidden)
+        sampled, logprob, top_ids, top_lps = self._sample(logits, hb.sample_seqs, eos_token_ids)
+        self._prev_sampled = sampled
+        self._prev_rows = {s.seq_id: i for i, s in enumerate(hb.sample_seqs)}
+        event = None
+        host = [self._d2h(t) for t in (sampled, logprob, top_ids, top_lps)]
+        if self.is_cuda:
+            event = torch.cuda.Event()
+            event.record()
+        return StepHandle([s.seq_id for s in hb.sample_seqs], [s.params.logprobs for s in hb.sample_seqs],
+                          *host, event)
+
     def execute(
         self, output: SchedulerOutput, seqs: dict[int, Sequence], eos_token_ids: set[int] | frozenset[int]
     ) -> dict[int, SampleResult]:
         """Run the step; returns the sampled token of every chunk with `sample=True`, by seq_id."""
-        if output.is_empty:
-            return {}
-        input_ids: list[int] = []
-        positions: list[int] = []
-        for chunk in output.chunks:
-            input_ids.extend(chunk.token_ids)
-            positions.extend(range(chunk.start_pos, chunk.seq_len))
-        meta = AttentionMetadata.build(
-            query_lens=[c.num_tokens for c in output.chunks],
-            context_lens=[c.start_pos for c in output.chunks],
-            block_tables=[c.block_table for c in output.chunks],
-            block_size=self.block_size,
-            device=self.device,
-        )
-        hidden = self.model.forward(
-            torch.tensor(input_ids, dtype=torch.long, device=self.device),
-            torch.tensor(positions, dtype=torch.long, device=self.device),
-            meta,
-            self.kv_caches,
-        )
-        rows, sampled_seqs = [], []
-        end = 0
-        for chunk in output.chunks:
-            end += chunk.num_tokens
-            if chunk.sample:
-                rows.append(end - 1)
-                sampled_seqs.append(seqs[chunk.seq_id])
-        if not rows:
-            return {}
-        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
-        batch = SamplingBatch.build(
-            params=[s.params for s in sampled_seqs],
-            prompt_token_ids=[s.prompt_token_ids for s in sampled_seqs],
-            output_token_ids=[s.output_token_ids for s in sampled_seqs],
-            generators=[self._generator(s) for s in sampled_seqs],
-            device=self.device,
-            eos_token_ids=set(eos_token_ids),
-        )
-        out = self.sampler(logits, batch)
-        tokens = out.sampled.tolist()
-        logprobs = out.sampled_logprob.tolist()
-        top_ids = out.top_ids.tolist() if out.top_ids is not None else None
-        top_lps = out.top_logprobs.tolist() if out.top_logprobs is not None else None
-        results = {}
-        for i, seq in enumerate(sampled_seqs):
-            top = None
-            k = seq.params.logprobs
-            if k is not None:
-                top = {tokens[i]: logprobs[i]}
-                if k > 0 and top_ids is not None:
-                    top.update(zip(top_ids[i][:k], top_lps[i][:k]))
-            results[seq.seq_id] = SampleResult(token_id=tokens[i], logprob=logprobs[i], top=top)
-        return results
+        return self.launch(output, seqs, eos_token_ids).result()

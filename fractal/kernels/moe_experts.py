@@ -234,7 +234,7 @@ def fused_experts(
         raise FractalError(f"MoE backend {backend!r} is not valid; valid: {list(BACKENDS)}")
     if hidden.stride(-1) != 1:
         hidden = hidden.contiguous()
-    if backend == "grouped_mm":
+    if backend == "grouped_mm" and hidden.dtype == torch.bfloat16:  # torch._grouped_mm takes bf16 only
         return _experts_grouped_mm(hidden, w13, w2, topk_weights, topk_ids)
     return _experts_triton(hidden, w13, w2, topk_weights, topk_ids)
 

@@ -80,6 +80,7 @@ class OpTotal:
     compute_s: float
     hbm_s: float
     comm_s: float
+    background: bool = False  # overlaps the whole step (layer-wise PD KV push)
 
     @property
     def hbm_bytes(self) -> float:
@@ -157,8 +158,10 @@ def _totals(op: O.OpCost, n: float, gpu: GpuSpec, eff: Efficiency) -> OpTotal:
                    op.comm_intra * n, op.comm_inter * n, ct, ht, mt)
 
 
-def combine(ops: list[OpTotal], overlap: str, background: float = 0.0) -> tuple[float, str, float, float, float]:
+def combine(all_ops: list[OpTotal], overlap: str) -> tuple[float, str, float, float, float]:
     """Apply the overlap rule: (step time, bound, compute time, hbm time, comm time)."""
+    ops = [o for o in all_ops if not o.background]
+    background = sum(o.comm_s for o in all_ops if o.background)
     c = sum(o.compute_s for o in ops)
     h = sum(o.hbm_s for o in ops)
     m = sum(o.comm_s for o in ops) + background
@@ -214,12 +217,11 @@ def step_cost(model: ModelSpec, gpu: GpuSpec, prec: Precision, plan: PhasePlan, 
         else:
             items.append((O.pp_send_op(model, prec, plan, shape, gpu), 1))
         totals = [_totals(o, n, gpu, eff) for o, n in items if n]
-        background = 0.0
         if kv_transfer_tokens:
             b = kv_transfer_tokens * kv_tok * (n_dense + n_moe) / plan.tp
-            background = b / (gpu.inter_node_bw * eff.comm)
-            totals.append(OpTotal("pd_kv_transfer", "comm", 1, 0, 0, 0, 0, 0, b, 0.0, 0.0, 0.0))
-        step, bound, c, h, m = combine(totals, overlap, background)
+            totals.append(OpTotal("pd_kv_transfer", "comm", 1, 0, 0, 0, 0, 0, b, 0.0, 0.0,
+                                  b / (gpu.inter_node_bw * eff.comm), background=True))
+        step, bound, c, h, m = combine(totals, overlap)
         mem = MemoryUse(weights, kv_held * kv_tok * (n_dense + n_moe), act_peak, reserve, gpu.hbm_bytes)
         cost = StepCost(tuple(totals), sum(t.flops for t in totals), sum(t.weight_bytes for t in totals),
                         sum(t.kv_bytes for t in totals), sum(t.act_bytes for t in totals),

@@ -127,3 +127,14 @@ def test_overlap_rules_order():
     assert t["none"] == pytest.approx(c.compute_time_s + c.hbm_time_s + c.comm_time_s)
     slow = step_cost(m, GPU, p, plan, shape, eff=Efficiency(hbm=0.5), overlap="none")
     assert slow.hbm_time_s == pytest.approx(2 * c.hbm_time_s)
+
+
+def test_pd_kv_push_overlaps_the_step():
+    m = load_model_spec("llama-3.1-8b")
+    p = parse_precision("bf16")
+    shape = StepShape.uniform(1, 1000, 0)
+    base = step_cost(m, GPU, p, PhasePlan(), shape)
+    push = step_cost(m, GPU, p, PhasePlan(), shape, kv_transfer_tokens=1000)
+    kv = next(o for o in push.ops if o.name == "pd_kv_transfer")
+    assert kv.comm_inter == 1000 * 32 * 2 * 8 * 128 * 2  # K and V of 8 kv heads x 128, bf16, 32 layers
+    assert push.step_time_s == pytest.approx(max(base.step_time_s, kv.comm_s))

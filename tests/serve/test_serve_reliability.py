@@ -27,13 +27,13 @@ from fractal.serve.testing import make_tiny_serve_model
 
 KEY = "sekret-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-LONG = {"prompt": "def main():\n", "max_tokens": 900, "ignore_eos": True, "temperature": 0}
+LONG = {"prompt": "def main():\n", "max_tokens": 2000, "ignore_eos": True, "temperature": 0}
 REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return make_tiny_serve_model(tmp_path_factory.mktemp("tiny_rel"), max_position_embeddings=1024)
+    return make_tiny_serve_model(tmp_path_factory.mktemp("tiny_rel"), max_position_embeddings=2048)
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def wait_idle(http: httpx.Client, timeout_s: float = 5.0) -> None:
     raise AssertionError("the server still holds the request (or its KV blocks) after the client left")
 
 
-def open_stream(server, body: dict):
+def open_stream(server, body: dict, wait_for_text: bool = True):
     """A streaming request read up to its first generated text; returns (client, response, line iterator).
 
     The caller keeps the iterator: once it is garbage-collected, httpx closes the connection."""
@@ -79,7 +79,7 @@ def open_stream(server, body: dict):
     resp = client.send(client.build_request("POST", "/v1/completions", json={**body, "stream": True}), stream=True)
     assert resp.status_code == 200, resp.read()
     lines = resp.iter_lines()
-    for line in lines:
+    for line in lines if wait_for_text else ():
         if line.startswith("data: ") and json.loads(line[6:])["choices"][0]["text"]:
             break
     return client, resp, lines
@@ -110,7 +110,8 @@ def test_non_stream_disconnect_aborts(server, http):
 
 def test_full_queue_answers_503_then_recovers(server, http):
     rejected = metric(http, "fractal_requests_rejected_total")
-    streams = [open_stream(server, LONG) for _ in range(3)]  # 2 running + 1 queued = capacity
+    # 2 running + 1 queued = capacity; the headers come once the engine has accepted a request
+    streams = [open_stream(server, LONG, wait_for_text=False) for _ in range(3)]
     try:
         resp = http.post("/v1/completions", json={"prompt": "a", "max_tokens": 2})
         assert resp.status_code == 503, resp.text
@@ -147,6 +148,28 @@ def test_api_key_lets_the_right_client_in(server):
         bad.models.list()
 
 
+def test_engine_failure_fails_the_running_request_and_the_server_goes_on(model_dir):
+    engine = LLMEngine.from_args(model_dir, max_num_seqs=2)
+    real_step, calls = engine.step, []
+
+    def step_failing_once():  # a fault injected before the real step: the engine state stays consistent
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("injected fault")
+        return real_step()
+
+    engine.step = step_failing_once
+    with ServerThread(engine, ServerConfig(model_names=("tiny",))) as srv:
+        resp = httpx.post(srv.url + "/v1/completions", json={"prompt": "a", "max_tokens": 20, "ignore_eos": True})
+        assert resp.status_code == 500
+        assert resp.json()["error"]["code"] == "engine_error" and "injected fault" in resp.json()["error"]["message"]
+        resp = httpx.post(srv.url + "/v1/completions", json={"prompt": "a", "max_tokens": 5, "ignore_eos": True})
+        assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] == 5
+        assert httpx.get(srv.url + "/health").status_code == 200
+        with httpx.Client(base_url=srv.url) as client:
+            wait_idle(client)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -171,7 +194,7 @@ def test_sigterm_drains_in_flight_stream_and_exits_zero(model_dir):
                 pass
             assert time.monotonic() < deadline, "server did not come up"
             time.sleep(0.1)
-        body = {"model": "tiny", "prompt": "import sys\n", "max_tokens": 300, "ignore_eos": True,
+        body = {"model": "tiny", "prompt": "import sys\n", "max_tokens": 600, "ignore_eos": True,
                 "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
         events_after_signal, signalled = [], False
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as resp:
@@ -189,7 +212,7 @@ def test_sigterm_drains_in_flight_stream_and_exits_zero(model_dir):
                         httpx.get(url + "/health", timeout=2)
         assert events_after_signal[-1] == "[DONE]"
         usage = json.loads(events_after_signal[-2])["usage"]
-        assert usage["completion_tokens"] == 300  # the stream finished in full after SIGTERM
+        assert usage["completion_tokens"] == 600  # the stream finished in full after SIGTERM
         assert any(json.loads(e)["choices"] and json.loads(e)["choices"][0]["text"] for e in events_after_signal[:-1])
         assert proc.wait(timeout=30) == 0
     finally:

@@ -1,0 +1,296 @@
+"""GPU attention / MoE backends built on fractal.kernels, and fast variants of the small per-layer modules.
+
+Importing this module registers (chosen automatically on CUDA by get_attention_backend / get_moe_backend):
+- attention backend "triton" (default for cuda):
+    decode rows (one new token with a cached context) -> kernels.paged_attention.paged_decode_attention (GQA)
+    or kernels.mla_decode.mla_decode (MLA, absorbed); prefill rows -> kernels.prefill_attention
+    (paged_prefill_attention for GQA; varlen_attention over latents decompressed to per-head K/V for MLA).
+    A mixed batch is split: the scheduler puts decodes first, so decode rows are a prefix of the batch.
+- MoE backend "triton" (default for cuda): kernels.moe_routing.route (one kernel) + kernels.moe_experts.fused_experts
+    (grouped GEMMs, no host sync).
+Every op falls back to the torch reference when its kernel is missing (ImportError) or does not apply.
+
+Nothing here reads device values on the host: every launch decision comes from the host lists of
+AttentionMetadata, so the forward has no host synchronisation and can be captured in a CUDA graph.
+The split-K kernels get `max_seq_len` rounded up to `context_bucket`, the same bound the CUDA-graph runner
+captures with, so eager and replayed decode steps launch the same kernels (identical numerics).
+
+`accelerate_model(model)` swaps RMSNorm, RotaryEmbedding and GatedMLP instances for subclasses whose
+forward calls the Triton kernels (same parameters, same results up to rounding): fewer, larger kernels.
+"""
+from __future__ import annotations
+
+import torch
+
+from fractal.layers.attention_backends import AttentionBackend, TorchAttentionBackend, register_attention_backend
+from fractal.layers.attention_metadata import AttentionMetadata
+from fractal.layers.moe import MoEBackend, MoEConfig, TorchMoEBackend, register_moe_backend
+
+try:
+    from fractal.kernels.paged_attention import paged_decode_attention
+except ImportError:  # pragma: no cover - kernels not there yet
+    paged_decode_attention = None
+try:
+    from fractal.kernels.mla_decode import mla_decode as mla_decode_kernel
+except ImportError:  # pragma: no cover
+    mla_decode_kernel = None
+try:
+    from fractal.kernels.prefill_attention import paged_prefill_attention, varlen_attention
+except ImportError:  # pragma: no cover
+    paged_prefill_attention = varlen_attention = None
+try:
+    from fractal.kernels.moe_routing import RoutingConfig, route
+except ImportError:  # pragma: no cover
+    RoutingConfig = route = None
+try:
+    from fractal.kernels.moe_experts import fused_experts, silu_and_mul
+except ImportError:  # pragma: no cover
+    fused_experts = silu_and_mul = None
+try:
+    from fractal.kernels.rmsnorm import rms_norm as rms_norm_kernel
+except ImportError:  # pragma: no cover
+    rms_norm_kernel = None
+try:
+    from fractal.kernels.rotary import build_cos_sin_cache, rotary_embedding_
+except ImportError:  # pragma: no cover
+    build_cos_sin_cache = rotary_embedding_ = None
+
+MIN_CONTEXT_BUCKET = 1024
+
+
+def context_bucket(max_seq_len: int) -> int:
+    """Upper bound on the context that split-K decode kernels are launched for: the next power of two >= 1024."""
+    n = max(int(max_seq_len), MIN_CONTEXT_BUCKET)
+    return 1 << (n - 1).bit_length()
+
+
+def _h2d(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list as a device tensor without a stream sync (pinned staging, non-blocking copy)."""
+    t = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+class _BatchSplit:
+    """Per-step facts shared by all layers: which leading rows decode, and the prefill part's tensors."""
+
+    def __init__(self, meta: AttentionMetadata) -> None:
+        q_lens, seq_lens = meta.query_lens_cpu, meta.seq_lens_cpu
+        nd = 0  # leading one-token rows: decodes (the scheduler puts them first), attended to absorbed / split-K
+        while nd < len(q_lens) and q_lens[nd] == 1:
+            nd += 1
+        self.num_decode_seqs = nd
+        self.num_decode_rows = nd
+        self.prefill_q_lens = q_lens[nd:]  # 1-token chunks after a prefill go this way too (still correct)
+        self.prefill_seq_lens = seq_lens[nd:]
+        self.decode_bound = context_bucket(max(seq_lens[:nd], default=1))
+        self._dev: dict | None = None
+
+    def device_tensors(self, meta: AttentionMetadata) -> dict:
+        """Prefill-part tensors (built once per step on the first layer that needs them)."""
+        if self._dev is None:
+            nd = self.num_decode_seqs
+            dev = meta.seq_lens.device
+            cu_q = [0]
+            for q in self.prefill_q_lens:
+                cu_q.append(cu_q[-1] + q)
+            cu_k = [0]
+            for s in self.prefill_seq_lens:
+                cu_k.append(cu_k[-1] + s)
+            self._dev = dict(
+                cu_q=_h2d(cu_q, torch.int32, dev),
+                cu_k=_h2d(cu_k, torch.int32, dev),
+                seq_lens=meta.seq_lens[nd:],
+                block_tables=meta.block_tables[nd:],
+                total_k=cu_k[-1],
+                max_q=max(self.prefill_q_lens, default=1),
+            )
+        return self._dev
+
+
+class TritonAttentionBackend(AttentionBackend):
+    """Paged attention through fractal.kernels; the torch reference for whatever has no kernel."""
+
+    name = "triton"
+    supports_cuda_graphs = True
+
+    def __init__(self) -> None:
+        self.ref = TorchAttentionBackend()
+        self._meta: AttentionMetadata | None = None
+        self._split: _BatchSplit | None = None
+
+    def split(self, meta: AttentionMetadata) -> _BatchSplit:
+        if self._meta is not meta:
+            self._meta, self._split = meta, _BatchSplit(meta)
+        return self._split
+
+    # --- cache writes (index_copy_: no host sync, graph-safe) -----------------------------------------
+    def write_kv(self, kv_cache, key, value, slot_mapping):
+        self.ref.write_kv(kv_cache, key, value, slot_mapping)
+
+    def write_mla(self, kv_cache, latent, k_rope, slot_mapping):
+        self.ref.write_mla(kv_cache, latent, k_rope, slot_mapping)
+
+    # --- GQA ------------------------------------------------------------------------------------------
+    def gqa_attention(self, q, kv_cache, meta, scale):
+        if paged_decode_attention is None or paged_prefill_attention is None:
+            return self.ref.gqa_attention(q, kv_cache, meta, scale)
+        sp = self.split(meta)
+        nd = sp.num_decode_rows
+        out = torch.empty_like(q)
+        if nd:
+            paged_decode_attention(
+                q[:nd], kv_cache, meta.block_tables[:nd], meta.seq_lens[:nd], scale,
+                max_seq_len=sp.decode_bound, out=out[:nd],
+            )
+        if nd < q.shape[0]:
+            t = sp.device_tensors(meta)
+            paged_prefill_attention(
+                q[nd:], kv_cache, t["cu_q"], t["seq_lens"], t["block_tables"], scale,
+                max_query_len=t["max_q"], out=out[nd:],
+            )
+        return out
+
+    # --- MLA ------------------------------------------------------------------------------------------
+    def _absorbed(self, q_nope, q_rope, kv_cache, block_tables, seq_lens, bound, w_uk, w_uv, scale):
+        q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [T, H, L]
+        o_latent = mla_decode_kernel(q_latent, q_rope, kv_cache, block_tables, seq_lens, scale, max_seq_len=bound)
+        return torch.bmm(o_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [T, H, Dv]
+
+    def mla_decode(self, q_nope, q_rope, kv_cache, meta, w_uk, w_uv, scale):
+        if mla_decode_kernel is None:
+            return self.ref.mla_decode(q_nope, q_rope, kv_cache, meta, w_uk, w_uv, scale)
+        sp = self.split(meta)
+        if sp.num_decode_rows != q_nope.shape[0]:  # forced "absorb" on a prefill batch: reference path
+            return self.ref.mla_decode(q_nope, q_rope, kv_cache, meta, w_uk, w_uv, scale)
+        return self._absorbed(q_nope, q_rope.contiguous(), kv_cache, meta.block_tables, meta.seq_lens,
+                              sp.decode_bound, w_uk, w_uv, scale)
+
+    def mla_prefill(self, q_nope, q_rope, kv_cache, meta, w_uk, w_uv, scale):
+        if varlen_attention is None or mla_decode_kernel is None:
+            return self.ref.mla_prefill(q_nope, q_rope, kv_cache, meta, w_uk, w_uv, scale)
+        sp = self.split(meta)
+        nd = sp.num_decode_rows
+        heads, rank = q_nope.shape[1], w_uk.shape[-1]
+        out = q_nope.new_empty(q_nope.shape[0], heads, w_uv.shape[1])
+        if nd:  # decode rows of a mixed batch: absorbed, over the latents directly
+            out[:nd] = self._absorbed(q_nope[:nd], q_rope[:nd].contiguous(), kv_cache, meta.block_tables[:nd],
+                                      meta.seq_lens[:nd], sp.decode_bound, w_uk, w_uv, scale)
+        if nd == q_nope.shape[0]:
+            return out
+        t = sp.device_tensors(meta)
+        # decompress the context latents of the prefill sequences into per-head K and V (MHA-style MLA)
+        total, bs = t["total_k"], meta.block_size
+        n_pf = t["seq_lens"].shape[0]
+        seq_of = torch.repeat_interleave(torch.arange(n_pf, device=q_nope.device), t["seq_lens"].long(),
+                                         output_size=total)
+        pos = torch.arange(total, device=q_nope.device) - t["cu_k"][:-1].long()[seq_of]
+        slots = t["block_tables"].long()[seq_of, pos // bs] * bs + pos % bs
+        entries = kv_cache.flatten(0, 1).index_select(0, slots).to(q_nope.dtype)  # [S, L + R]
+        latent, k_rope = entries[:, :rank], entries[:, rank:]
+        k_nope = torch.einsum("sl,hdl->shd", latent, w_uk)
+        v = torch.einsum("sl,hvl->shv", latent, w_uv)
+        k = torch.cat((k_nope, k_rope[:, None, :].expand(-1, heads, -1)), dim=-1)
+        q_full = torch.cat((q_nope[nd:], q_rope[nd:]), dim=-1)
+        varlen_attention(q_full, k, v, t["cu_q"], t["cu_k"], scale, max_query_len=t["max_q"], out=out[nd:])
+        return out
+
+
+class TritonMoEBackend(MoEBackend):
+    """Fused routing + grouped-GEMM experts; the torch reference where a kernel is missing."""
+
+    name = "triton"
+
+    def __init__(self) -> None:
+        self.ref = TorchMoEBackend()
+        self._routing: dict[MoEConfig, object] = {}
+
+    def select_experts(self, router_logits, cfg, correction_bias):
+        if route is None:
+            return self.ref.select_experts(router_logits, cfg, correction_bias)
+        rc = self._routing.get(cfg)
+        if rc is None:
+            grouped = cfg.topk_method != "greedy"
+            rc = RoutingConfig(
+                top_k=cfg.top_k, scoring=cfg.scoring, n_group=cfg.n_group if grouped else 1,
+                topk_group=cfg.topk_group if grouped else 1, renormalize=cfg.norm_topk_prob,
+                routed_scaling_factor=cfg.routed_scaling_factor,
+            )
+            self._routing[cfg] = rc
+        return route(router_logits, rc, correction_bias)
+
+    def experts(self, x, w13, w2, topk_weights, topk_ids, hidden_act):
+        if fused_experts is None or hidden_act not in ("silu", "swish"):
+            return self.ref.experts(x, w13, w2, topk_weights, topk_ids.long(), hidden_act)
+        return fused_experts(x, w13, w2, topk_weights, topk_ids)
+
+
+register_attention_backend("triton", TritonAttentionBackend, default_for="cuda")
+register_moe_backend("triton", TritonMoEBackend, default_for="cuda")
+
+
+# --- fast variants of the small per-layer modules ------------------------------------------------------
+from fractal.layers.mlp import GatedMLP  # noqa: E402
+from fractal.layers.norm import RMSNorm  # noqa: E402
+from fractal.layers.rotary import RotaryEmbedding  # noqa: E402
+
+
+class FastRMSNorm(RMSNorm):
+    """RMSNorm through one Triton kernel (same rounding as the torch module)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm_kernel(x, self.weight, self.eps)
+
+
+class FastGatedMLP(GatedMLP):
+    """silu(gate) * up in one kernel between the two GEMMs."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.gate_up_proj(x)
+        if h.dim() != 2:
+            return super().forward(x)
+        return self.down_proj(silu_and_mul(h))
+
+
+class FastRotaryEmbedding(RotaryEmbedding):
+    """RoPE in place from a float32 cos/sin table shared by every layer with the same RopeConfig."""
+
+    cos_sin_cache: torch.Tensor
+
+    def forward(self, positions, q, k):
+        rotary_embedding_(positions, q, k, self.cos_sin_cache, self.cfg.style)
+        return q, k
+
+
+def accelerate_model(model: torch.nn.Module, max_positions: int | None = None) -> dict[str, int]:
+    """Swap RMSNorm / RotaryEmbedding / GatedMLP modules for their kernel-backed subclasses (CUDA only).
+
+    max_positions bounds the RoPE table (default: each RopeConfig's max_position_embeddings).
+    Returns how many modules of each kind were swapped.
+    """
+    swapped = {"rmsnorm": 0, "rotary": 0, "mlp": 0}
+    tables: dict = {}
+    for module in model.modules():
+        device = next((p.device for p in module.parameters()), None)
+        if type(module) is RMSNorm and rms_norm_kernel is not None and module.weight.is_cuda:
+            module.__class__ = FastRMSNorm
+            swapped["rmsnorm"] += 1
+        elif (type(module) is GatedMLP and silu_and_mul is not None and module.act is torch.nn.functional.silu
+              and device is not None and device.type == "cuda"):
+            module.__class__ = FastGatedMLP
+            swapped["mlp"] += 1
+    # rotary modules hold no parameters: take the device from the model
+    device = next(model.parameters()).device
+    if device.type == "cuda" and rotary_embedding_ is not None:
+        for module in model.modules():
+            if type(module) is RotaryEmbedding:
+                cfg = module.cfg
+                n = max_positions or cfg.max_position_embeddings
+                key = (cfg, n)
+                if key not in tables:
+                    tables[key] = build_cos_sin_cache(module.inv_freq(device), n, module.attention_scaling)
+                module.__class__ = FastRotaryEmbedding
+                module.cos_sin_cache = tables[key]
+                swapped["rotary"] += 1
+    return swapped
