@@ -186,6 +186,8 @@ class LLMEngine:
             return
         for seq in request.seqs:
             if not seq.is_finished:
+                while seq.num_output_tokens and seq.token_ids[-1] < 0:
+                    seq.token_ids.pop()  # a placeholder of a step still in flight (overlap): never reported
                 self.scheduler.finish(seq, "abort")
                 self.runner.free(seq.seq_id)
                 if seq.detokenizer is not None:

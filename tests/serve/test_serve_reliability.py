@@ -61,6 +61,13 @@ ABORTS = 'fractal_requests_total{endpoint="completions",finish_reason="abort"}'
 LENGTHS = 'fractal_requests_total{endpoint="completions",finish_reason="length"}'
 
 
+def wait_until(condition, timeout_s: float = 3.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
 def wait_idle(http: httpx.Client, timeout_s: float = 5.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -88,11 +95,13 @@ def open_stream(server, body: dict, wait_for_text: bool = True):
 def test_stream_disconnect_aborts_and_frees_blocks(server, http):
     aborts, lengths = metric(http, ABORTS), metric(http, LENGTHS)
     client, resp, lines = open_stream(server, LONG)
-    assert metric(http, "fractal_kv_cache_blocks_used") > 0
-    assert metric(http, "fractal_requests_in_flight") == 1
-    resp.close()
-    client.close()
-    del lines
+    try:
+        wait_until(lambda: metric(http, "fractal_kv_cache_blocks_used") > 0)  # gauges refresh every 20 ms
+        assert metric(http, "fractal_requests_in_flight") == 1
+    finally:
+        resp.close()
+        client.close()
+        del lines
     wait_idle(http)
     assert metric(http, ABORTS) == aborts + 1
     assert metric(http, LENGTHS) == lengths

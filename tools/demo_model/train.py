@@ -16,7 +16,9 @@ weights are kept (multi-epoch training on a small corpus can overfit).
 
 Usage (from the repository root)::
 
-    python3 tools/demo_model/train.py --data .demo_data --out runs/demo --shape tiny --max-steps 5 --device cpu
+    python3 tools/demo_model/train.py --data .demo_data --out runs/demo                  # on a GPU
+    python3 tools/demo_model/train.py --shape tiny --device cpu --seq-len 128 --batch-size 16 \
+        --max-steps 20 --warmup-steps 5 --out /tmp/tiny                              # CPU check
 """
 from __future__ import annotations
 
