@@ -16,6 +16,7 @@ import json
 import math
 import os
 import random
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -91,13 +92,21 @@ def generate_floor(model: str, gpu: str, *, num_prompts: int, input_len: int, ou
 
 def run_offline(args) -> dict:
     """Run the offline benchmark from parsed CLI args; returns the result dict (also printed)."""
+    model_dir, made_up = resolve_model_dir(args.model)
+    try:
+        return _run_offline(args, model_dir, made_up)
+    finally:
+        if made_up:
+            shutil.rmtree(model_dir, ignore_errors=True)
+
+
+def _run_offline(args, model_dir: str, made_up: bool) -> dict:
     import torch
 
     from fractal.engine.llm import LLM
     from fractal.sampling_params import SamplingParams
     from fractal.serve.engine_args import engine_kwargs
 
-    model_dir, made_up = resolve_model_dir(args.model)
     kwargs = engine_kwargs(args)
     if made_up and kwargs["load_format"] == "auto":
         kwargs["load_format"] = "dummy"  # a bare config has no weights

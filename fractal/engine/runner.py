@@ -162,6 +162,10 @@ class ModelRunner:
             and getattr(self.model.attention_backend, "supports_cuda_graphs", False)
             and not (has_moe and moe_name == "torch")
         )
+        if self.use_cuda_graphs:
+            from fractal.layers.gpu_backends import fast_decode_supported
+
+            self.use_cuda_graphs = fast_decode_supported(self.model)
         self.kv_spec = self.model.kv_cache_spec()
         self.block_size = config.block_size
         self.num_blocks = 0

@@ -13,6 +13,8 @@ Fast backends (CUDA):
                   Triton SiLU-and-mul and a Triton combine that reads rows back through the inverse permutation.
     "triton":     vLLM-style fused-MoE GEMM: rows padded per expert to BLOCK_M, each program one expert tile,
                   gathering its rows itself (no permuted copy of hidden); good at small T.
+    "gemv":       a few pairs (decode of 1-8 sequences): one program per (pair, output tile) reading the
+                  expert's rows directly; no sorting, three kernels in all.
 No host synchronisation in either path (graph-capturable). The reference loops over experts in plain torch.
 """
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch.nn.functional as F
 from fractal.errors import FractalError
 from fractal.kernels._triton_support import HAS_TRITON, next_pow2, use_triton
 
-BACKENDS = ("grouped_mm", "triton")
+BACKENDS = ("grouped_mm", "triton", "gemv")
 
 if HAS_TRITON:
     from fractal.kernels._triton_support import tl, triton
@@ -85,6 +87,52 @@ if HAS_TRITON:
             b_ptrs += BLOCK_K
         c_ptrs = c_ptr + rows.to(tl.int64)[:, None] * stride_cm + n[None, :]
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=rmask[:, None] & nmask[None, :])
+
+
+    @triton.jit
+    def _gemv_gate_up_kernel(x_ptr, w_ptr, ids_ptr, out_ptr, H, I, stride_xt, stride_we, stride_wn, stride_o,
+                             TOPK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """out[pair, n] = silu(w13[e, n] . x[t]) * (w13[e, I + n] . x[t]) for one (token, slot) pair."""
+        pair = tl.program_id(0).to(tl.int64)
+        t = pair // TOPK
+        e = tl.load(ids_ptr + pair).to(tl.int64)
+        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = n < I
+        kk = tl.arange(0, BLOCK_K)
+        w_rows = w_ptr + e * stride_we + n.to(tl.int64)[:, None] * stride_wn
+        acc_g = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, H, BLOCK_K):
+            kmask = (k0 + kk) < H
+            x = tl.load(x_ptr + t * stride_xt + k0 + kk, mask=kmask, other=0.0).to(tl.float32)
+            wmask = nmask[:, None] & kmask[None, :]
+            wg = tl.load(w_rows + k0 + kk[None, :], mask=wmask, other=0.0).to(tl.float32)
+            wu = tl.load(w_rows + I * stride_wn + k0 + kk[None, :], mask=wmask, other=0.0).to(tl.float32)
+            acc_g += wg * x[None, :]
+            acc_u += wu * x[None, :]
+        dt = out_ptr.dtype.element_ty
+        g = tl.sum(acc_g, axis=1).to(dt).to(tl.float32)
+        u = tl.sum(acc_u, axis=1).to(dt).to(tl.float32)
+        a = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32) * u
+        tl.store(out_ptr + pair * stride_o + n, a.to(dt), mask=nmask)
+
+    @triton.jit
+    def _gemv_down_kernel(a_ptr, w_ptr, ids_ptr, out_ptr, H, I, stride_a, stride_we, stride_wn, stride_o,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """out[pair, n] = w2[e, n] . a[pair] for one (token, slot) pair."""
+        pair = tl.program_id(0).to(tl.int64)
+        e = tl.load(ids_ptr + pair).to(tl.int64)
+        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = n < H
+        kk = tl.arange(0, BLOCK_K)
+        w_rows = w_ptr + e * stride_we + n.to(tl.int64)[:, None] * stride_wn
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, I, BLOCK_K):
+            kmask = (k0 + kk) < I
+            a = tl.load(a_ptr + pair * stride_a + k0 + kk, mask=kmask, other=0.0).to(tl.float32)
+            w = tl.load(w_rows + k0 + kk[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+            acc += w * a[None, :]
+        tl.store(out_ptr + pair * stride_o + n, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=nmask)
 
 
 def _silu_and_mul_ref(h: torch.Tensor) -> torch.Tensor:
@@ -216,6 +264,29 @@ def _experts_triton(hidden, w13, w2, topk_weights, topk_ids):
     return _combine(y, None, topk_weights.float().contiguous(), T, k, hidden.dtype)
 
 
+def _experts_gemv(hidden, w13, w2, topk_weights, topk_ids):
+    """Few (token, slot) pairs: one program per pair and output tile reads its expert's rows directly (no sort,
+    no padding, no permuted copy); gate/up GEMV, SiLU-and-mul fused; then down GEMV and the weighted sum."""
+    T, k = topk_ids.shape
+    E, two_i, H = w13.shape
+    I = two_i // 2
+    n = T * k
+    ids = topk_ids.reshape(-1).contiguous()
+    if w13.stride(-1) != 1 or w2.stride(-1) != 1:
+        w13, w2 = w13.contiguous(), w2.contiguous()
+    a = torch.empty(n, I, dtype=hidden.dtype, device=hidden.device)
+    _gemv_gate_up_kernel[(n, triton.cdiv(I, 16))](
+        hidden, w13, ids, a, H, I, hidden.stride(0), w13.stride(0), w13.stride(1), a.stride(0),
+        TOPK=k, BLOCK_N=16, BLOCK_K=256, num_warps=4,
+    )
+    y = torch.empty(n, H, dtype=hidden.dtype, device=hidden.device)
+    _gemv_down_kernel[(n, triton.cdiv(H, 32))](
+        a, w2, ids, y, H, I, a.stride(0), w2.stride(0), w2.stride(1), y.stride(0),
+        BLOCK_N=32, BLOCK_K=256, num_warps=4,
+    )
+    return _combine(y, None, topk_weights.float().contiguous(), T, k, hidden.dtype)
+
+
 def fused_experts(
     hidden: torch.Tensor,
     w13: torch.Tensor,
@@ -234,11 +305,19 @@ def fused_experts(
         raise FractalError(f"MoE backend {backend!r} is not valid; valid: {list(BACKENDS)}")
     if hidden.stride(-1) != 1:
         hidden = hidden.contiguous()
+    if backend == "gemv":
+        return _experts_gemv(hidden, w13, w2, topk_weights, topk_ids)
     if backend == "grouped_mm" and hidden.dtype == torch.bfloat16:  # torch._grouped_mm takes bf16 only
         return _experts_grouped_mm(hidden, w13, w2, topk_weights, topk_ids)
     return _experts_triton(hidden, w13, w2, topk_weights, topk_ids)
 
 
 def default_backend(num_pairs: int) -> str:
-    """Backend for T*k (token, expert) pairs: the measured winner (see docs/perf-notes.md)."""
-    return "triton" if num_pairs <= 512 else "grouped_mm"
+    """Backend for T*k (token, expert) pairs: the measured winner at each size (see docs/perf-notes.md)."""
+    if num_pairs <= GEMV_MAX_PAIRS:
+        return "gemv"
+    return "triton" if num_pairs <= TRITON_MAX_PAIRS else "grouped_mm"
+
+
+GEMV_MAX_PAIRS = 64      # decode of a few sequences
+TRITON_MAX_PAIRS = 512   # padded-block Triton GEMM up to here, CUTLASS grouped GEMM beyond

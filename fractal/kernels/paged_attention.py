@@ -110,10 +110,19 @@ def merge_splits(part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) -> No
     )
 
 
-def choose_splits(batch_programs: int, max_seq_len: int, block_n: int, min_chunk: int = 256) -> tuple[int, int]:
-    """(splits, chunk tokens): enough programs to fill the GPU about twice, chunks of >= min_chunk tokens."""
+def choose_splits(batch_programs: int, max_seq_len: int, block_n: int, min_chunk: int = 256,
+                  slots: int | None = None) -> tuple[int, int]:
+    """(splits, chunk tokens) with chunks of >= min_chunk tokens.
+
+    slots None: enough programs to fill the GPU about twice (GQA decode: small programs, many per SM).
+    slots = programs that run at once (MLA decode: 2 per SM): at most one full wave, since a second, partial
+    wave costs a whole program's time (measured: 320 programs 183 us vs 256 programs 137 us).
+    """
     max_seq_len = max(1, max_seq_len)
-    want = max(1, math.ceil(2 * _NUM_SMS / max(1, batch_programs)))
+    if slots is None:
+        want = max(1, math.ceil(2 * _NUM_SMS / max(1, batch_programs)))
+    else:
+        want = max(1, slots // max(1, batch_programs))
     splits = max(1, min(want, math.ceil(max_seq_len / min_chunk)))
     chunk = math.ceil(math.ceil(max_seq_len / splits) / block_n) * block_n
     splits = math.ceil(max_seq_len / chunk)

@@ -64,6 +64,20 @@ def context_bucket(max_seq_len: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
+def mla_kernel_fits(kv_lora_rank: int, rope_dim: int) -> bool:
+    """The absorbed-MLA Triton kernel needs power-of-two latent and RoPE widths of at least 16 (tl.dot)."""
+    return all(n >= 16 and n & (n - 1) == 0 for n in (kv_lora_rank, rope_dim))
+
+
+def fast_decode_supported(model) -> bool:
+    """Whether every decode-time op of this model has a kernel (required for CUDA graphs: the torch
+    reference attention reads the host lists of the metadata, which a captured graph cannot refresh)."""
+    attn = model.config.attention
+    if model.config.uses_mla:
+        return mla_decode_kernel is not None and mla_kernel_fits(attn.kv_lora_rank, attn.qk_rope_head_dim)
+    return paged_decode_attention is not None
+
+
 def _h2d(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A host list as a device tensor without a stream sync (pinned staging, non-blocking copy)."""
     t = torch.tensor(values, dtype=dtype)
@@ -159,7 +173,7 @@ class TritonAttentionBackend(AttentionBackend):
         return torch.bmm(o_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [T, H, Dv]
 
     def mla_decode(self, q_nope, q_rope, kv_cache, meta, w_uk, w_uv, scale):
-        if mla_decode_kernel is None:
+        if mla_decode_kernel is None or not mla_kernel_fits(w_uk.shape[-1], q_rope.shape[-1]):
             return self.ref.mla_decode(q_nope, q_rope, kv_cache, meta, w_uk, w_uv, scale)
         sp = self.split(meta)
         if sp.num_decode_rows != q_nope.shape[0]:  # forced "absorb" on a prefill batch: reference path
@@ -168,7 +182,8 @@ class TritonAttentionBackend(AttentionBackend):
                               sp.decode_bound, w_uk, w_uv, scale)
 
     def mla_prefill(self, q_nope, q_rope, kv_cache, meta, w_uk, w_uv, scale):
-        if varlen_attention is None or mla_decode_kernel is None:
+        if varlen_attention is None or mla_decode_kernel is None or not mla_kernel_fits(w_uk.shape[-1],
+                                                                                         q_rope.shape[-1]):
             return self.ref.mla_prefill(q_nope, q_rope, kv_cache, meta, w_uk, w_uv, scale)
         sp = self.split(meta)
         nd = sp.num_decode_rows

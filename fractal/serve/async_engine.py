@@ -147,6 +147,29 @@ class AsyncEngine:
             pass
 
     def _run(self) -> None:
+        try:
+            self._loop_forever()
+        except BaseException as exc:  # a bug in this loop: fail every waiting client rather than hang them
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            logger.critical("the engine loop stopped:\n%s", traceback.format_exc())
+            self._post([(t.stream, APIError(500, f"the engine loop stopped: {self.last_error}",
+                                            code="engine_error")) for t in self._live.values()])
+            self._live.clear()
+            self._fail_pending_commands()
+
+    def _fail_pending_commands(self) -> None:
+        """After the loop died: answer the adds still queued so their handlers do not wait forever."""
+        batch = []
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if command[0] == "add":
+                batch.append((command[4], APIError(503, "the engine loop is not running", code="engine_not_running")))
+        self._post(batch)
+
+    def _loop_forever(self) -> None:
         engine = self.engine
         stopping = False
         while True:

@@ -18,7 +18,7 @@ from starlette.responses import Response
 from fractal.errors import FractalError
 from fractal.outputs import RequestOutput
 from fractal.serve.errors import APIError, from_fractal_error
-from fractal.serve.logprobs import TokenText, chat_logprobs
+from fractal.serve.logprobs import chat_logprobs
 from fractal.serve.protocol import ChatCompletionRequest
 from fractal.serve.serving import Generation, OpenAIServing, SSEResponse, now_s, sse
 
@@ -75,7 +75,7 @@ class _View:
         self.id = response_id
         self.created = now_s()
         self.prompt_tokens = prompt_tokens
-        self.names = TokenText(serving.tokenizer)
+        self.names = serving.token_text
         self.top = (req.top_logprobs or 0) if req.logprobs else None
         self.include_usage = bool(req.stream_options and req.stream_options.include_usage)
 

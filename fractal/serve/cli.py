@@ -56,6 +56,9 @@ def _model_and_names(args: argparse.Namespace) -> tuple[str, tuple[str, ...]]:
         if not path.is_dir():
             raise FractalError(f"no MODEL given and the demo model folder {path} is missing; "
                                "pass a model directory: fractal serve PATH")
+        if not (path / "config.json").is_file():
+            raise FractalError(f"no MODEL given and the demo model in {path} is incomplete (no config.json); "
+                               "pass a model directory: fractal serve PATH")
         model, default_name = str(path), DEMO_MODEL_NAME
     else:
         model = default_name = args.model

@@ -14,7 +14,7 @@ from starlette.responses import Response
 
 from fractal.outputs import RequestOutput
 from fractal.serve.errors import APIError
-from fractal.serve.logprobs import TokenText, completion_logprobs
+from fractal.serve.logprobs import completion_logprobs
 from fractal.serve.protocol import CompletionRequest
 from fractal.serve.serving import Generation, OpenAIServing, SSEResponse, now_s, sse
 
@@ -80,7 +80,7 @@ class _View:
         self.id = response_id
         self.created = now_s()
         self.prompts = prompts
-        self.names = TokenText(serving.tokenizer)
+        self.names = serving.token_text
 
     def _echo(self, p: int) -> str:
         if not self.req.echo:

@@ -19,7 +19,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _SamplingFields(BaseModel):
+class SamplingFields(BaseModel):
     """Fields both endpoints share; ranges are validated later by SamplingParams."""
 
     model_config = ConfigDict(extra="ignore")
@@ -50,7 +50,7 @@ class _SamplingFields(BaseModel):
 PromptType = Union[str, list[str], list[int], list[list[int]]]
 
 
-class CompletionRequest(_SamplingFields):
+class CompletionRequest(SamplingFields):
     """POST /v1/completions. `prompt` is text, a list of texts, token ids, or a list of token-id lists."""
 
     prompt: PromptType
@@ -88,7 +88,7 @@ class ResponseFormat(BaseModel):
     type: str = "text"
 
 
-class ChatCompletionRequest(_SamplingFields):
+class ChatCompletionRequest(SamplingFields):
     """POST /v1/chat/completions. `max_completion_tokens` is the newer name of `max_tokens`."""
 
     messages: list[ChatMessage] = Field(min_length=1)

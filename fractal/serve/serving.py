@@ -21,7 +21,8 @@ from fractal.sampling_params import SamplingParams
 from fractal.serve.async_engine import AsyncEngine, RequestStream
 from fractal.serve.config import ServerConfig
 from fractal.serve.errors import APIError, from_fractal_error
-from fractal.serve.protocol import _SamplingFields
+from fractal.serve.logprobs import TokenText
+from fractal.serve.protocol import SamplingFields
 
 
 def sse(data: dict | str) -> str:
@@ -127,6 +128,7 @@ class OpenAIServing:
         self.engine = engine
         self.config = config
         self.tokenizer = engine.tokenizer
+        self.token_text = TokenText(engine.tokenizer)  # single-token strings for logprobs, cached
 
     # ---- checks ---------------------------------------------------------------------------------------------
     def model_name(self, requested: str | None) -> str:
@@ -175,7 +177,7 @@ class OpenAIServing:
                                 f"{limit - prompt_len}.", param="max_tokens", code="context_length_exceeded")
         return max_tokens
 
-    def sampling_params(self, req: _SamplingFields, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    def sampling_params(self, req: SamplingFields, max_tokens: int, logprobs: int | None) -> SamplingParams:
         if req.n > self.config.max_n:
             raise APIError(400, f"n={req.n} is invalid: this server allows at most {self.config.max_n} "
                                 "choices per request", param="n", code="invalid_value")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import socket
 import threading
 import time
@@ -95,9 +94,9 @@ def test_measures_known_timings_and_caps_concurrency(scripted):
     assert r["completed"] == 12 and r["failed"] == 0
     assert r["total_output_tokens"] == 12 * 9 and r["total_input_tokens"] == 12 * 7  # from usage
     assert scripted.peak == 3 and r["max_concurrent_requests"] == 3
-    assert r["median_ttft_ms"] == pytest.approx(TTFT_S * 1000, abs=25)
-    assert r["median_itl_ms"] == pytest.approx(ITL_S * 1000, abs=6)
-    assert r["median_tpot_ms"] == pytest.approx(ITL_S * 1000, abs=6)
+    assert r["median_ttft_ms"] == pytest.approx(TTFT_S * 1000, abs=40)
+    assert r["median_itl_ms"] == pytest.approx(ITL_S * 1000, abs=8)
+    assert r["median_tpot_ms"] == pytest.approx(ITL_S * 1000, abs=8)
     expected_e2e = TTFT_S + 8 * ITL_S
     assert r["median_e2el_ms"] == pytest.approx(expected_e2e * 1000, abs=40)
     # 12 requests, 3 at a time, each ~0.24 s: about 4 rounds
@@ -115,7 +114,8 @@ def test_request_rate_paces_the_sends(scripted):
     scripted.send_times.clear()
     run_serve_benchmark(cfg, requests)
     sent = [t - scripted.send_times[0] for t in scripted.send_times]
-    assert sent[-1] == pytest.approx(planned[-1], abs=0.08)
+    assert sent[-1] == pytest.approx(planned[-1], abs=0.15)
+    assert planned[-1] > 0.2  # the plan itself spreads the sends (10 at 20/s)
 
 
 def test_failed_requests_are_counted_not_fatal(scripted):
@@ -205,3 +205,22 @@ def test_offline_bench_without_gpu_prints_na(tiny_server, capsys):
     assert bench_cli.main(["offline", "--model", tiny_server.model_dir, "--input-len", "4", "--output-len", "2",
                            "--num-prompts", "1", "--device", "cpu"]) == 0
     assert "n/a" in capsys.readouterr().out
+
+
+def test_offline_bench_accepts_a_shipped_config_name():
+    import os
+    import shutil
+
+    from fractal.bench.offline import resolve_model_dir
+    from fractal.errors import FractalError
+    from fractal.spec.model import MODELS_DIR
+
+    path, made_up = resolve_model_dir("deepseek-v2-lite")
+    try:
+        assert made_up
+        with open(os.path.join(path, "config.json")) as got, open(MODELS_DIR / "deepseek-v2-lite.json") as want:
+            assert json.load(got) == json.load(want)
+    finally:
+        shutil.rmtree(path)
+    with pytest.raises(FractalError, match="shipped"):
+        resolve_model_dir("no-such-model")

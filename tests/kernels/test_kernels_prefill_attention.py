@@ -86,7 +86,7 @@ def test_paged_prefill_gpu(case, hq, hkv, d, page):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", ["fresh", "chunk_after_prefix", "mixed_with_decodes"])
+@pytest.mark.parametrize("case", ["fresh", "chunk_after_prefix", "mixed_with_decodes", "single_8k"])
 def test_varlen_mla_shapes_gpu(case):
     """MLA prefill: 16 heads, qk dim 192 (128 nope + 64 rope), v dim 128, keys contiguous per sequence."""
     torch.manual_seed(5)

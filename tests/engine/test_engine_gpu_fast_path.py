@@ -1,0 +1,121 @@
+"""GPU: the fast path (Triton backends + kernel-backed modules + CUDA graphs + overlap) against the plain path.
+
+Tiny random models of every family on CUDA. References:
+- the plain path: torch attention/MoE backends, eager, synchronous (the same code the CPU tests check against
+  HF transformers);
+- the fast path without graphs and overlap (eager, synchronous), same dtype.
+Greedy tokens must agree; where they part, the reference's two best tokens at that position must be a
+near-tie (|logprob gap| under the dtype's rounding), since a different but valid kernel may round the other way.
+Also: no host synchronisation while a step is launched, graphs really replayed, the fast modules swapped in.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fractal import LLM, SamplingParams
+from fractal.models.testing import FAMILIES, make_tiny_model
+
+pytestmark = pytest.mark.gpu
+
+PROMPTS = [
+    [5, 6, 7, 8, 9, 10, 11],
+    [100, 101, 102, 103, 104, 105, 106, 107, 108, 109, 110, 111, 112],
+    [42, 17, 200, 9],
+    [250, 2, 77, 31, 64, 128, 15, 16, 90, 91, 92, 93, 94, 95, 96, 97, 98, 99, 3, 4, 5],
+    [3],
+]
+MAX_TOKENS = 12
+TIE = {"bfloat16": 0.06, "float32": 2e-3}  # largest top-2 logprob gap a rounding difference may flip
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def model_path(request, tmp_path_factory):
+    # MLA: a RoPE width of 16 (the tiny default 8 is below tl.dot's minimum, which falls back to torch)
+    extra = dict(qk_rope_head_dim=16) if request.param.startswith("deepseek") else {}
+    return str(make_tiny_model(request.param, tmp_path_factory.mktemp(request.param), **extra))
+
+
+def _generate(path, dtype, prompts, *, plain=False, eager=True, overlap=False, logprobs=None, llm_out=None,
+              **extra):
+    kwargs = dict(device="cuda", dtype=dtype, block_size=4, max_num_seqs=8, enable_prefix_caching=False,
+                  enforce_eager=eager, async_scheduling=overlap, **extra)
+    if plain:
+        kwargs.update(attention_backend="torch", moe_backend="torch")
+    llm = LLM(model=path, **kwargs)
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=logprobs)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+    if llm_out is not None:
+        llm_out.append(llm)
+    return [o.outputs[0] for o in outs]
+
+
+def _assert_same_up_to_ties(got, ref, tie):
+    """Token lists equal, except that they may part at a position where the reference had a near-tie."""
+    exact = 0
+    for g, r in zip(got, ref):
+        for i, (a, b) in enumerate(zip(g.token_ids, r.token_ids)):
+            if a != b:
+                top = sorted(r.logprobs[i].values(), reverse=True)
+                gap = top[0] - top[1]
+                assert gap < tie, f"token {i}: fast {a} != reference {b} with a top-2 logprob gap of {gap:.4f}"
+                break
+        else:
+            exact += 1
+    return exact
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_fast_path_matches_plain_path(model_path, dtype):
+    ref = _generate(model_path, dtype, PROMPTS, plain=True, logprobs=2)
+    fast_eager = _generate(model_path, dtype, PROMPTS, logprobs=2)
+    held = []
+    fast = _generate(model_path, dtype, PROMPTS, eager=False, overlap=True, llm_out=held)
+    runner = held[0].engine.runner
+    assert runner.model.attention_backend.name == "triton"
+    assert runner.fast_modules["rmsnorm"] > 0 and runner.fast_modules["rotary"] > 0
+    if runner.model.config.moe is not None:
+        assert runner.model.moe_backend.name == "triton"
+    assert runner.graphs is not None and runner.graphs.num_replays > 0 and not runner.graphs.failed
+    assert _assert_same_up_to_ties(fast_eager, ref, TIE[dtype]) >= 2
+    assert _assert_same_up_to_ties(fast, fast_eager, TIE[dtype]) >= 2
+    # chunked prefill: decodes and prefill chunks (with cached context) share steps
+    chunked = _generate(model_path, dtype, PROMPTS, eager=False, overlap=True, max_num_batched_tokens=12,
+                        prefill_chunk_size=5)
+    assert _assert_same_up_to_ties(chunked, ref, TIE[dtype]) >= 2
+
+
+def test_graph_batch_on_ladder_is_identical_to_eager(model_path):
+    """4 sequences = a captured size (no padding) and the same context bound: the replay launches the very
+    kernels the eager step does, so bf16 tokens are identical."""
+    prompts = PROMPTS[:4]
+    eager = _generate(model_path, "bfloat16", prompts)
+    graphs = _generate(model_path, "bfloat16", prompts, eager=False, overlap=True)
+    assert [o.token_ids for o in graphs] == [o.token_ids for o in eager]
+
+
+def test_launch_has_no_host_sync(model_path):
+    """No device->host synchronisation while a step (prefill, then decode) is launched, eagerly."""
+    llm = LLM(model=model_path, device="cuda", dtype="bfloat16", block_size=4, enforce_eager=True,
+              async_scheduling=True, max_num_seqs=8)
+    engine = llm.engine
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    for i, p in enumerate(PROMPTS):
+        engine.add_request(f"r{i}", {"prompt_token_ids": p}, params)
+    engine.step()  # warm-up: Triton compilation loads modules (not a per-step cost)
+    engine.step()
+    launch = engine.runner.launch
+    calls = [0]
+
+    def strict(*args, **kwargs):
+        calls[0] += 1
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return launch(*args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    engine.runner.launch = strict
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert calls[0] >= 2
