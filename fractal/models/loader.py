@@ -89,6 +89,7 @@ def build_model(
     with torch.device("meta"):
         model = cls(config, attn, moe, check_mla_mode(mla_mode))
     model.to(dtype)
+    check_fits(model, device, config.architecture)
     for module in model.modules():
         for name in getattr(module, "keep_fp32", ()):
             param = getattr(module, name, None)
@@ -97,6 +98,33 @@ def build_model(
     model.to_empty(device=device)
     model.requires_grad_(False)
     return model.eval()
+
+
+def available_memory_bytes(device: torch.device) -> int | None:
+    """Free memory where the weights will live: the GPU's free memory, or the host's MemAvailable."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo", encoding="ascii") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
+
+
+def check_fits(model: nn.Module, device: torch.device, what: str, headroom: float = 0.95) -> None:
+    """Refuse, with the numbers, to allocate weights that cannot fit: a clear error instead of an OOM kill."""
+    need = sum(p.numel() * p.element_size() for p in model.parameters())
+    have = available_memory_bytes(device)
+    if have is not None and need > headroom * have:
+        raise FractalError(
+            f"{what}: the weights need {need / 1e9:.1f} GB in {next(model.parameters()).dtype} but {device} has "
+            f"{have / 1e9:.1f} GB free; use a smaller model, a narrower dtype or a device with more memory"
+        )
 
 
 def init_dummy_weights(model: nn.Module, seed: int = 0, std: float = DUMMY_STD) -> None:
