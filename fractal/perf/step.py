@@ -338,6 +338,6 @@ def phase_result(model: ModelSpec, gpu: GpuSpec, prec: Precision, plan: PhasePla
         raise FractalError(
             f"plan {plan} does not fit on {gpu.name}: {phase} needs {mem.total / 1e9:.1f} GB per GPU (weights "
             f"{mem.weights / 1e9:.1f}, KV {mem.kv / 1e9:.1f}, activations {mem.activations / 1e9:.1f}, reserve "
-            f"{mem.reserve / 1e9:.1f}) > {gpu.hbm_bytes / 1e9:.0f} GB; raise ep/tp/pp, quantise weights or lower batch")
+            f"{mem.reserve / 1e9:.1f}) > {gpu.hbm_bytes / 1e9:.0f} GB; raise ep/tp/pp, quantise weights (e.g. --weights fp8,moe=w4a8) or lower batch")
     mfu, hr, cr, vs = verdicts(step)
     return PhaseResult(phase, plan, step, plan.pp * step.step_time_s, made / step.step_time_s / plan.gpus, mfu, hr, cr, vs)
