@@ -23,8 +23,6 @@ from dataclasses import dataclass
 
 from fractal.errors import FractalError
 
-_FLOOR_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
-
 
 def resolve_model_dir(model: str) -> tuple[str, bool]:
     """(model directory, made_up): a directory as is; a config.json path or a shipped config name
@@ -104,6 +102,7 @@ def _run_offline(args, model_dir: str, made_up: bool) -> dict:
     import torch
 
     from fractal.engine.llm import LLM
+    from fractal.engine.step_floor import floor_dtype
     from fractal.sampling_params import SamplingParams
     from fractal.serve.engine_args import engine_kwargs
 
@@ -135,7 +134,7 @@ def _run_offline(args, model_dir: str, made_up: bool) -> dict:
     gpu = args.gpu or ("h100" if cuda else None)
     floor = None
     if gpu is not None:
-        dtype = _FLOOR_DTYPES.get(str(getattr(llm.engine.config, "dtype", "auto")), "bf16")
+        dtype = floor_dtype(llm.engine.runner.dtype)  # the dtype the engine resolved (dtype="auto" included)
         floor = generate_floor(model_dir, gpu, num_prompts=args.num_prompts, input_len=args.input_len,
                                output_len=args.output_len, batch=min(args.num_prompts, args.max_num_seqs),
                                dtype=dtype)

@@ -21,6 +21,7 @@ FLOPs over measured time and the GPU's peak), tokens/s, and the vLLM 0.24 figure
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import random
 import sys
@@ -296,7 +297,8 @@ def run_suite(model: str, *, gpu: str = "h100", rows=None, engine_kwargs: dict |
             _profile_decode(llm, profile_path)
         except Exception as exc:  # the table matters more than the profile
             log(f"[{model}] profile failed: {exc}")
-    del llm
+    del llm, runner, graphs
+    gc.collect()  # the engine holds reference cycles; free its weights, KV pool and graph pool now
     torch.cuda.empty_cache()
     return results
 
@@ -306,23 +308,22 @@ class _Shape:
         self.new_tokens, self.context_lens = new_tokens, context_lens
 
 
-def _profile_decode(llm, path: str, batch: int = 64, context: int = 1024) -> None:
-    """torch.profiler summary of decode steps (eager launches, to see every kernel) written to `path`."""
-    import torch
+def _profile_decode(llm, path: str, batches=(1, 64), context: int = 1024) -> None:
+    """torch.profiler summaries of decode steps (eager launches, to see every kernel) written to `path`."""
     from torch.profiler import ProfilerActivity, profile
 
     runner = llm.engine.runner
     graphs, runner.graphs = runner.graphs, None
     try:
-        _decode_step_time(llm, batch, context, steps=2)
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            _decode_step_time(llm, batch, context, steps=3)
+        with open(path, "w", encoding="utf-8") as handle:
+            for batch in batches:
+                _decode_step_time(llm, batch, context, steps=2)
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    _decode_step_time(llm, batch, context, steps=3)
+                handle.write(f"\neager decode, batch {batch}, context {context}: 6 steps (3 warm-up + 3 timed)\n")
+                handle.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
     finally:
         runner.graphs = graphs
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
-    with open(path, "w", encoding="utf-8") as handle:
-        handle.write(f"eager decode, batch {batch}, context {context}; 3 warm-up + 3 timed steps inside\n")
-        handle.write(table)
 
 
 def _fmt(x, spec: str, dash: str = "-") -> str:

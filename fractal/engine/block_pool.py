@@ -111,12 +111,6 @@ class BlockPool:
         block.block_hash = block_hash
         self._cached[block_hash] = block.block_id
 
-    def reset_prefix_cache(self) -> None:
-        """Forget every cached prefix (used blocks stay allocated, only their hashes are dropped)."""
-        for block in self.blocks:
-            block.block_hash = None
-        self._cached.clear()
-
     def _evict(self, block: Block) -> None:
         if block.block_hash is not None:
             if self._cached.get(block.block_hash) == block.block_id:

@@ -12,6 +12,7 @@ import sys
 import time
 
 from fractal.errors import FractalError
+from fractal.serve.engine_args import add_engine_args, engine_kwargs
 
 
 def _token_ids(text: str) -> list[int]:
@@ -33,26 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-k", type=int, default=0)
     s.add_argument("--min-p", type=float, default=0.0)
     s.add_argument("--n", type=int, default=1)
-    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--seed", dest="sampling_seed", type=int, default=None, help="sampling seed of the requests")
     s.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
     s.add_argument("--ignore-eos", action="store_true")
     s.add_argument("--logprobs", type=int, default=None)
-    e = p.add_argument_group("engine")
-    e.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    e.add_argument("--device", default="auto")
-    e.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
-    e.add_argument("--block-size", type=int, default=16)
-    e.add_argument("--max-num-seqs", type=int, default=64)
-    e.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    e.add_argument("--max-model-len", type=int, default=None)
-    e.add_argument("--prefill-chunk-size", type=int, default=None)
-    e.add_argument("--no-chunked-prefill", action="store_true")
-    e.add_argument("--no-prefix-caching", action="store_true")
-    e.add_argument("--prefill-order", default="fcfs", choices=["fcfs", "shortest"])
-    e.add_argument("--num-gpu-blocks", type=int, default=None)
-    e.add_argument("--kv-cache-memory-bytes", type=int, default=None)
-    e.add_argument("--engine-seed", type=int, default=0)
-    e.add_argument("--floor-gpu", default=None, help="report each step's four-resource floor on this GPU (e.g. h100)")
+    add_engine_args(p, seed_flag="--engine-seed")  # --seed above is the sampling seed
+    p.add_argument("--floor-gpu", default=None, help="report each step's four-resource floor on this GPU (e.g. h100)")
     return p
 
 
@@ -67,19 +54,11 @@ def main(argv: list[str]) -> int:
 
     params = SamplingParams(
         n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
-        seed=args.seed, stop=args.stop, max_tokens=args.max_tokens, ignore_eos=args.ignore_eos,
+        seed=args.sampling_seed, stop=args.stop, max_tokens=args.max_tokens, ignore_eos=args.ignore_eos,
         logprobs=args.logprobs,
     )
     t0 = time.perf_counter()
-    llm = LLM(
-        args.model, dtype=args.dtype, device=args.device, load_format=args.load_format,
-        block_size=args.block_size, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-        prefill_chunk_size=args.prefill_chunk_size, enable_chunked_prefill=not args.no_chunked_prefill,
-        enable_prefix_caching=not args.no_prefix_caching, prefill_order=args.prefill_order,
-        num_gpu_blocks=args.num_gpu_blocks, kv_cache_memory_bytes=args.kv_cache_memory_bytes,
-        seed=args.engine_seed, floor_gpu=args.floor_gpu,
-    )
+    llm = LLM(args.model, **engine_kwargs(args), floor_gpu=args.floor_gpu)
     t1 = time.perf_counter()
     outputs = llm.generate(prompts, params)
     t2 = time.perf_counter()

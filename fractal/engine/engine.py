@@ -86,6 +86,7 @@ class LLMEngine:
             config.async_scheduling if config.async_scheduling is not None else self.runner.device.type == "cuda"
         )
         self._inflight = None  # (SchedulerOutput, StepHandle, StepShape, needs_sync, launch time) in overlap mode
+        self._parked: list[Sequence] = []  # running sequences kept out of scheduling until _inflight resolves
         self._last_done = 0.0
         self.step_log: list | None = None  # set to [] to keep (StepShape, seconds) of every step
         self.floor_model = None
@@ -184,6 +185,11 @@ class LLMEngine:
         request = self.requests.pop(request_id, None)
         if request is None:
             return
+        if self._parked:  # parked sequences must be in the running list to be finished
+            from fractal.engine import overlap
+
+            overlap.unpark(self.scheduler, [s for s in self._parked if s in request.seqs])
+            self._parked = [s for s in self._parked if s not in request.seqs]
         for seq in request.seqs:
             if not seq.is_finished:
                 while seq.num_output_tokens and seq.token_ids[-1] < 0:
@@ -246,6 +252,7 @@ class LLMEngine:
             produced += self._finish_inflight()
         if launched is not None:
             overlap.advance(self.scheduler, launched[0])
+            self._parked = overlap.park(self.scheduler, launched[0], self.max_model_len)
             self._inflight = launched
             if not self.scheduler.has_unfinished():  # everything stopped: nothing can use this step
                 produced += self._finish_inflight()
@@ -258,6 +265,8 @@ class LLMEngine:
         sched_out, handle, shape, _, t_launch = self._inflight
         self._inflight = None
         results = handle.result()
+        overlap.unpark(self.scheduler, self._parked)
+        self._parked = []
         t_done = time.perf_counter()
         self._record_step(shape, t_done - max(t_launch, self._last_done))
         self._last_done = t_done

@@ -12,8 +12,10 @@ overlap, the engine launches step N+1 before step N's tokens reach the host, so 
   so no hash ever covers a placeholder), and the sequences that got a token are returned for the stop
   checks, the detokenizer and the outputs.
 
-A sequence that stops at step N was already scheduled in step N+1: that step's row for it is computed and
-thrown away (its blocks are freed at the stop; the device writes into them before anything reuses them,
+A sequence whose placeholder is its last token for certain (max_tokens or the context length reached) is
+`park`ed: taken out of the scheduler's running list until its step resolves, so no step is spent on it.
+A sequence that stops otherwise at step N (EOS, a stop id or string) was already scheduled in step N+1: that
+step's row for it is computed and thrown away (its blocks are freed at the stop; the device writes into them before anything reuses them,
 since steps run in order on one stream). Penalties need every output token on the host when sampling, so
 the engine resolves a step before scheduling the next whenever one of its sequences uses them
 (`needs_host_tokens`).
@@ -44,6 +46,33 @@ def advance(scheduler: Scheduler, output: SchedulerOutput) -> None:
             if len(seq.token_ids) != chunk.seq_len:
                 raise RuntimeError(f"sequence {seq.seq_id} has {len(seq.token_ids)} tokens, expected {chunk.seq_len}")
             seq.token_ids.append(PLACEHOLDER)
+
+
+def certain_to_finish(seq: Sequence, max_model_len: int) -> bool:
+    """Whether the sequence stops at its newest token whatever that token is (max_tokens or context length)."""
+    limit = seq.params.max_tokens
+    return (limit is not None and seq.num_output_tokens >= limit) or seq.num_tokens >= max_model_len
+
+
+def park(scheduler: Scheduler, output: SchedulerOutput, max_model_len: int) -> list[Sequence]:
+    """After `advance`: take the sequences that will surely stop at their placeholder out of the running list
+    (they keep their blocks); `unpark` them before their step resolves. Returns the parked sequences."""
+    parked = []
+    for chunk in output.chunks:
+        seq = scheduler.seqs.get(chunk.seq_id) if chunk.sample else None
+        if seq is not None and seq.status is SeqStatus.RUNNING and certain_to_finish(seq, max_model_len):
+            parked.append(seq)
+    if parked:
+        ids = {id(s) for s in parked}
+        scheduler.running = [s for s in scheduler.running if id(s) not in ids]
+    return parked
+
+
+def unpark(scheduler: Scheduler, parked: list[Sequence]) -> None:
+    """Put parked sequences back into the running list (so that finishing them works as usual)."""
+    for seq in parked:
+        if seq.status is SeqStatus.RUNNING:
+            scheduler.running.append(seq)
 
 
 def resolve(scheduler: Scheduler, output: SchedulerOutput, sampled: dict[int, int]) -> list[Sequence]:

@@ -95,7 +95,7 @@ class Request:
                 CompletionOutput(
                     index=s.index,
                     text=text,
-                    token_ids=list(s.output_token_ids),
+                    token_ids=s.output_token_ids,  # a slice: already a copy
                     cumulative_logprob=s.cumulative_logprob,
                     logprobs=None if s.logprobs is None else list(s.logprobs),
                     finish_reason=s.finish_reason,

@@ -144,9 +144,8 @@ class Scheduler:
             num_new = min(remaining, budget, cfg.chunk_cap)
             if not self.kv.allocate_slots(seq, num_new, computed):
                 break
-            if not forked:
-                if cfg.enable_prefix_caching:
-                    self.kv.record_lookup(seq.num_tokens, num_computed)
+            if not forked and cfg.enable_prefix_caching:
+                self.kv.record_lookup(seq.num_tokens, num_computed)
             seq.num_computed_tokens = num_computed
             if seq.num_preemptions == 0:
                 seq.num_cached_tokens = num_computed

@@ -10,13 +10,19 @@ from fractal.engine.stats import StepShape
 _DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
+def floor_dtype(dtype) -> str:
+    """fractal.spec's name ("fp32", "bf16", "fp16") of a torch dtype or of its name ("float32",
+    "torch.float32"); "bf16" for anything else."""
+    return _DTYPE_NAMES.get(str(dtype).removeprefix("torch."), "bf16")
+
+
 class StepFloorModel:
     def __init__(self, model_dir: str, gpu: str, dtype_name: str):
         from fractal.perf.floor import load_gpu, load_model_spec
 
         self.model = load_model_spec(model_dir)
         self.gpu = load_gpu(gpu)
-        self.dtype = _DTYPE_NAMES.get(dtype_name, "bf16")
+        self.dtype = floor_dtype(dtype_name)
         self(StepShape(num_seqs=1, new_tokens=[1], context_lens=[0]))  # fail at start-up, not mid-run
 
     def __call__(self, shape: StepShape):

@@ -109,12 +109,3 @@ class CausalLM(nn.Module):
             token_shape=attn.kv_token_shape(),
             dtype=self.model.embed_tokens.weight.dtype,
         )
-
-    def set_mla_mode(self, mode: str) -> None:
-        """"auto" | "absorb" | "mha" for MLA models (no effect on GQA models)."""
-        from fractal.layers.mla import MLAttention, check_mla_mode
-
-        self.mla_mode = check_mla_mode(mode)
-        for module in self.modules():
-            if isinstance(module, MLAttention):
-                module.mode = mode

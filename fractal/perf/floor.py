@@ -59,13 +59,18 @@ class Floor:
 
 def _shape(num_seqs: int, new, ctx) -> StepShape:
     if num_seqs < 1:
-        raise FractalError(f"num_seqs={num_seqs} must be >= 1")
+        raise FractalError(f"num_seqs={num_seqs} is invalid: must be >= 1")
     news = list(new) if isinstance(new, Sequence) else [new] * num_seqs
     ctxs = list(ctx) if isinstance(ctx, Sequence) else [ctx] * num_seqs
-    if len(news) != num_seqs or len(ctxs) != num_seqs:
-        raise FractalError(f"new_tokens_per_seq/context_len lists must have num_seqs={num_seqs} entries")
-    if any(n < 1 for n in news) or any(c < 0 for c in ctxs):
-        raise FractalError("new_tokens_per_seq must be >= 1 and context_len >= 0 for every sequence")
+    for name, values in (("new_tokens_per_seq", news), ("context_len", ctxs)):
+        if len(values) != num_seqs:
+            raise FractalError(f"{name} has {len(values)} entries: a list must have num_seqs={num_seqs}")
+    bad_new = next((n for n in news if n < 1), None)
+    if bad_new is not None:
+        raise FractalError(f"new_tokens_per_seq={bad_new} is invalid: every sequence brings >= 1 token")
+    bad_ctx = next((c for c in ctxs if c < 0), None)
+    if bad_ctx is not None:
+        raise FractalError(f"context_len={bad_ctx} is invalid: must be >= 0")
     groups: dict[tuple[int, int], int] = {}
     for n, c in zip(news, ctxs):
         groups[(int(n), int(c))] = groups.get((int(n), int(c)), 0) + 1

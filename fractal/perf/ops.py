@@ -67,10 +67,6 @@ class StepShape:
     def cached_tokens(self) -> float:
         return sum(g.count * g.context for g in self.groups)
 
-    @property
-    def max_new(self) -> int:
-        return max(g.new for g in self.groups)
-
 
 @dataclass(frozen=True)
 class ModelOptions:

@@ -20,7 +20,7 @@ from fractal.outputs import RequestOutput
 from fractal.serve.errors import APIError, from_fractal_error
 from fractal.serve.logprobs import chat_logprobs
 from fractal.serve.protocol import ChatCompletionRequest
-from fractal.serve.serving import Generation, OpenAIServing, SSEResponse, now_s, sse
+from fractal.serve.serving import Generation, OpenAIServing, SSEResponse, StreamCursor, now_s, sse
 
 ENDPOINT = "chat"
 
@@ -103,34 +103,23 @@ class _View:
         return chunk
 
     async def stream(self, generation: Generation) -> AsyncIterator[str]:
-        sent_text: dict[int, int] = {}
-        sent_tokens: dict[int, int] = {}
-        done: set[int] = set()
+        cursor = StreamCursor()
         try:
             for j in range(self.req.n):
                 yield sse(self._chunk(j, {"role": "assistant", "content": ""}, None, None))
             async for _, out in generation.outputs():
                 for comp in out.outputs:
-                    j = comp.index
-                    if j in done:
+                    delta = cursor.advance(comp.index, comp)
+                    if delta is None:
                         continue
-                    text = comp.text[sent_text.get(j, 0):]
-                    first_new = sent_tokens.get(j, 0)
-                    new_ids = comp.token_ids[first_new:]
-                    finish = comp.finish_reason
-                    if not text and not new_ids and finish is None:
-                        continue
+                    text, new_ids, first_new = delta
                     logprobs = None
                     if self.top is not None and comp.logprobs is not None and new_ids:
                         logprobs = chat_logprobs(new_ids, comp.logprobs[first_new:], self.top, self.names)
-                    sent_text[j] = len(comp.text)
-                    sent_tokens[j] = len(comp.token_ids)
-                    if finish is not None:
-                        done.add(j)
-                    yield sse(self._chunk(j, {"content": text} if text else {}, logprobs, finish))
+                    yield sse(self._chunk(comp.index, {"content": text} if text else {}, logprobs, comp.finish_reason))
             if self.include_usage:
                 yield sse({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                           "model": self.model, "choices": [], "usage": self._usage(sum(sent_tokens.values()))})
+                           "model": self.model, "choices": [], "usage": self._usage(cursor.num_tokens)})
         except APIError as exc:
             yield sse(exc.body())
         finally:

@@ -16,7 +16,7 @@ from fractal.outputs import RequestOutput
 from fractal.serve.errors import APIError
 from fractal.serve.logprobs import completion_logprobs
 from fractal.serve.protocol import CompletionRequest
-from fractal.serve.serving import Generation, OpenAIServing, SSEResponse, now_s, sse
+from fractal.serve.serving import Generation, OpenAIServing, SSEResponse, StreamCursor, now_s, sse
 
 ENDPOINT = "completions"
 
@@ -121,11 +121,8 @@ class _View:
 
     async def stream(self, generation: Generation) -> AsyncIterator[str]:
         n = self.req.n
-        sent_text: dict[tuple[int, int], int] = {}
-        sent_tokens: dict[tuple[int, int], int] = {}
+        cursor = StreamCursor()
         offsets: dict[tuple[int, int], int] = {}
-        done: set[tuple[int, int]] = set()
-        generated: dict[tuple[int, int], int] = {}
         try:
             for p in range(len(self.prompts)):
                 echo = self._echo(p)
@@ -135,14 +132,10 @@ class _View:
             async for p, out in generation.outputs():
                 for comp in out.outputs:
                     key = (p, comp.index)
-                    if key in done:
+                    delta = cursor.advance(key, comp)
+                    if delta is None:
                         continue
-                    text = comp.text[sent_text.get(key, 0):]
-                    first_new = sent_tokens.get(key, 0)
-                    new_ids = comp.token_ids[first_new:]
-                    finish = comp.finish_reason
-                    if not text and not new_ids and finish is None:
-                        continue
+                    text, new_ids, first_new = delta
                     logprobs = None
                     if self.req.logprobs is not None and comp.logprobs is not None:
                         logprobs = completion_logprobs(new_ids, comp.logprobs[first_new:], self.req.logprobs,
@@ -150,16 +143,12 @@ class _View:
                         if logprobs["text_offset"]:
                             last = logprobs["tokens"][-1]
                             offsets[key] = logprobs["text_offset"][-1] + len(last)
-                    sent_text[key] = len(comp.text)
-                    sent_tokens[key] = len(comp.token_ids)
-                    generated[key] = len(comp.token_ids)
-                    if finish is not None:
-                        done.add(key)
+                    finish = comp.finish_reason
                     yield sse(self._chunk(p * n + comp.index, text, logprobs, finish,
                                           comp.stop_reason if finish else None))
             if self.req.stream_options and self.req.stream_options.include_usage:
                 yield sse({"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
-                           "choices": [], "usage": self._usage(sum(generated.values()))})
+                           "choices": [], "usage": self._usage(cursor.num_tokens)})
         except APIError as exc:
             yield sse(exc.body())
         finally:

@@ -1,15 +1,19 @@
-"""Engine options shared by `fractal serve` and `fractal bench offline` (same names as `fractal generate`)."""
+"""Engine options shared by `fractal generate`, `fractal serve` and `fractal bench offline`."""
 from __future__ import annotations
 
 import argparse
 
+from fractal.engine.config import DTYPES, LOAD_FORMATS, PREFILL_ORDERS
 
-def add_engine_args(parser: argparse.ArgumentParser) -> None:
+
+def add_engine_args(parser: argparse.ArgumentParser, seed_flag: str = "--seed") -> None:
+    """The engine options; `seed_flag` names the engine-seed option (`fractal generate` keeps --seed for
+    the sampling seed and calls it --engine-seed). Every option's value lands in `args.<field>`."""
     e = parser.add_argument_group("engine")
     e.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
-    e.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    e.add_argument("--dtype", default="auto", choices=DTYPES)
     e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    e.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"],
+    e.add_argument("--load-format", default="auto", choices=LOAD_FORMATS,
                    help="dummy: random weights at the config's shapes (no checkpoint needed)")
     e.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
     e.add_argument("--max-num-seqs", type=int, default=64, help="sequences in the running batch at most")
@@ -18,11 +22,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--prefill-chunk-size", type=int, default=None)
     e.add_argument("--no-chunked-prefill", action="store_true")
     e.add_argument("--no-prefix-caching", action="store_true")
-    e.add_argument("--prefill-order", default="fcfs", choices=["fcfs", "shortest"])
+    e.add_argument("--prefill-order", default="fcfs", choices=PREFILL_ORDERS)
     e.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     e.add_argument("--num-gpu-blocks", type=int, default=None)
     e.add_argument("--kv-cache-memory-bytes", type=int, default=None)
-    e.add_argument("--seed", type=int, default=0, help="engine seed (requests without their own seed)")
+    e.add_argument(seed_flag, dest="seed", type=int, default=0, help="engine seed (requests without their own seed)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:

@@ -113,6 +113,36 @@ class Generation:
         return [out for out in last if out is not None]
 
 
+class StreamCursor:
+    """How much of each choice's cumulative output a stream has sent (text characters, tokens), by choice key."""
+
+    def __init__(self) -> None:
+        self.sent_text: dict = {}
+        self.sent_tokens: dict = {}
+        self.done: set = set()
+
+    def advance(self, key, comp) -> tuple[str, list[int], int] | None:
+        """(new text, new token ids, index of the first new token) of `comp` (a CompletionOutput) since the
+        last call, marking them sent; None when nothing changed or the choice already finished."""
+        if key in self.done:
+            return None
+        text = comp.text[self.sent_text.get(key, 0):]
+        first_new = self.sent_tokens.get(key, 0)
+        new_ids = comp.token_ids[first_new:]
+        if not text and not new_ids and comp.finish_reason is None:
+            return None
+        self.sent_text[key] = len(comp.text)
+        self.sent_tokens[key] = len(comp.token_ids)
+        if comp.finish_reason is not None:
+            self.done.add(key)
+        return text, new_ids, first_new
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens sent over every choice."""
+        return sum(self.sent_tokens.values())
+
+
 async def until_disconnect(raw_request: Request) -> None:
     """Returns when the client hangs up (the request body must already be read)."""
     while True:

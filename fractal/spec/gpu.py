@@ -50,14 +50,6 @@ class GpuSpec:
             return self.int8_flops if self.int8_flops > 0 else self.bf16_flops
         raise FractalError(f"unknown compute dtype {dtype!r}; valid: bf16, fp16, fp8, int8")
 
-    @property
-    def peak_bf16_flops(self) -> float:
-        return self.bf16_flops
-
-    @property
-    def peak_fp8_flops(self) -> float:
-        return self.fp8_flops
-
 
 def _from_entry(name: str, e: dict) -> GpuSpec:
     missing = [k for k in _REQUIRED if k not in e]

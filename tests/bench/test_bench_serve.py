@@ -184,17 +184,20 @@ def test_offline_bench_reports_tokens_and_floor(tiny_server, capsys, tmp_path):
 
     out = tmp_path / "offline.json"
     argv = ["offline", "--model", tiny_server.model_dir, "--input-len", "16", "--output-len", "3",
-            "--num-prompts", "5", "--max-num-seqs", "2", "--gpu", "h100", "--result-json", str(out)]
+            "--num-prompts", "5", "--max-num-seqs", "2", "--gpu", "h100", "--device", "cpu", "--result-json", str(out)]
     assert bench_cli.main(argv) == 0
     r = json.loads(out.read_text())
     assert r["output_tokens"] == 15
     assert r["output_throughput"] == pytest.approx(15 / r["elapsed_s"])
-    # waves of 2, 2, 1: each one prefill of 16 tokens per sequence, then 2 decode steps (context 16, 17)
+    # waves of 2, 2, 1: each one prefill of 16 tokens per sequence, then 2 decode steps (context 16, 17);
+    # dtype "auto" runs in float32 on the CPU, and the floor follows the dtype the engine really uses
     expected = 0.0
+    fp32 = dict(weight_dtype="fp32", kv_dtype="fp32")
     for size in (2, 2, 1):
-        expected += step_floor(tiny_server.model_dir, "h100", num_seqs=size, new_tokens_per_seq=16, context_len=0).floor_s
+        expected += step_floor(tiny_server.model_dir, "h100", num_seqs=size, new_tokens_per_seq=16, context_len=0,
+                               **fp32).floor_s
         expected += sum(step_floor(tiny_server.model_dir, "h100", num_seqs=size, new_tokens_per_seq=1,
-                                   context_len=16 + i).floor_s for i in range(2))
+                                   context_len=16 + i, **fp32).floor_s for i in range(2))
     assert r["floor_s"] == pytest.approx(expected, rel=1e-9)
     assert r["floor_fraction"] == pytest.approx(expected / r["elapsed_s"])
     text = capsys.readouterr().out

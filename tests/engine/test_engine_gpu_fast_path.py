@@ -10,6 +10,8 @@ Also: no host synchronisation while a step is launched, graphs really replayed, 
 """
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
@@ -39,7 +41,7 @@ def model_path(request, tmp_path_factory):
 def _generate(path, dtype, prompts, *, plain=False, eager=True, overlap=False, logprobs=None, llm_out=None,
               **extra):
     kwargs = dict(device="cuda", dtype=dtype, block_size=4, max_num_seqs=8, enable_prefix_caching=False,
-                  enforce_eager=eager, async_scheduling=overlap, **extra)
+                  enforce_eager=eager, async_scheduling=overlap, num_gpu_blocks=256, **extra)
     if plain:
         kwargs.update(attention_backend="torch", moe_backend="torch")
     llm = LLM(model=path, **kwargs)
@@ -47,6 +49,9 @@ def _generate(path, dtype, prompts, *, plain=False, eager=True, overlap=False, l
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
     if llm_out is not None:
         llm_out.append(llm)
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
     return [o.outputs[0] for o in outs]
 
 
@@ -97,7 +102,7 @@ def test_graph_batch_on_ladder_is_identical_to_eager(model_path):
 def test_launch_has_no_host_sync(model_path):
     """No device->host synchronisation while a step (prefill, then decode) is launched, eagerly."""
     llm = LLM(model=model_path, device="cuda", dtype="bfloat16", block_size=4, enforce_eager=True,
-              async_scheduling=True, max_num_seqs=8)
+              async_scheduling=True, max_num_seqs=8, num_gpu_blocks=256)
     engine = llm.engine
     params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
     for i, p in enumerate(PROMPTS):

@@ -55,12 +55,26 @@ def _run(path, params, async_scheduling, **kwargs):
 def _summary(outs):
     """Tokens, finish reasons and top-logprob ids exactly; logprob values to 1e-4 (batches differ in
     composition, e.g. prefix hits come a step later, so float32 sums round differently)."""
-    return [
-        [(c.token_ids, c.finish_reason, round(c.cumulative_logprob, 3),
-          None if c.logprobs is None else [{k: round(v, 4) for k, v in d.items()} for d in c.logprobs])
-         for c in o.outputs]
-        for o in outs
-    ]
+    return [[_Close(c) for c in o.outputs] for o in outs]
+
+
+class _Close:
+    def __init__(self, c) -> None:
+        self.c = c
+
+    def __eq__(self, other) -> bool:
+        a, b = self.c, other.c
+        if (a.token_ids, a.finish_reason) != (b.token_ids, b.finish_reason):
+            return False
+        if abs(a.cumulative_logprob - b.cumulative_logprob) > 1e-3 or (a.logprobs is None) != (b.logprobs is None):
+            return False
+        for x, y in zip(a.logprobs or [], b.logprobs or []):
+            if set(x) != set(y) or any(abs(x[k] - y[k]) > 1e-4 for k in x):
+                return False
+        return True
+
+    def __repr__(self) -> str:
+        return f"({self.c.token_ids}, {self.c.finish_reason}, {self.c.cumulative_logprob:.4f})"
 
 
 CASES = {
@@ -89,6 +103,20 @@ def test_async_matches_sync(model_path, case):
     assert _summary(async_outs) == _summary(sync_outs)
     if case == "preempt":
         assert stats.num_preempted_total > 0
+
+
+def test_async_spends_no_step_on_certain_stops(model_path):
+    """Sequences that must stop at their newest token (max_tokens) are parked, not scheduled once more:
+    with ignore_eos the async engine runs exactly as many steps as the synchronous one."""
+    params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
+    sync_outs, _, sync_stats = _run(model_path, params, False, block_size=4)
+    async_outs, _, async_stats = _run(model_path, params, True, block_size=4)
+    assert _summary(async_outs) == _summary(sync_outs)
+    assert async_stats.num_steps_total == sync_stats.num_steps_total
+    one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    llm = LLM(model=model_path, block_size=4, async_scheduling=True)
+    llm.generate([{"prompt_token_ids": p} for p in PROMPTS], one)
+    assert llm.get_stats().num_steps_total == 1
 
 
 def test_async_abort_midway(model_path):

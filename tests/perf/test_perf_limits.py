@@ -50,3 +50,17 @@ def test_floor_on_plans_and_fp8():
     assert f8.comm_bytes > 0 and f1.comm_bytes == 0
     q = step_floor("llama-3.1-8b", g, num_seqs=1, new_tokens_per_seq=1, context_len=100, weight_dtype="fp8")
     assert q.compute_dtype == "fp8" and q.peak_flops == g.peak_flops("fp8")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(num_seqs=0, new_tokens_per_seq=1, context_len=0), "num_seqs=0 is invalid"),
+    (dict(num_seqs=2, new_tokens_per_seq=[1, 1, 1], context_len=0), "new_tokens_per_seq has 3 entries"),
+    (dict(num_seqs=2, new_tokens_per_seq=1, context_len=[5]), "context_len has 1 entries"),
+    (dict(num_seqs=2, new_tokens_per_seq=[4, 0], context_len=0), "new_tokens_per_seq=0 is invalid"),
+    (dict(num_seqs=2, new_tokens_per_seq=1, context_len=[3, -7]), "context_len=-7 is invalid"),
+])
+def test_step_floor_errors_name_the_value(kwargs, message):
+    from fractal.errors import FractalError
+
+    with pytest.raises(FractalError, match=message):
+        step_floor("llama-3.1-8b", "h100", **kwargs)

@@ -39,3 +39,18 @@ def test_server_config_rejects_bad_values(kwargs):
 
 def test_capacity_is_running_plus_queue():
     assert ServerConfig(model_names=("m",), max_running=4, max_queue=3).capacity == 7
+
+
+def test_generate_shares_the_engine_options_with_serve():
+    from fractal.engine import cli as generate_cli
+    from fractal.engine.config import EngineConfig
+    from fractal.serve.engine_args import engine_kwargs
+
+    argv = ["--max-num-seqs", "7", "--gpu-memory-utilization", "0.5", "--no-prefix-caching", "--dtype", "float32"]
+    served = engine_kwargs(serve_cli.build_parser().parse_args(["m", *argv, "--seed", "3"]))
+    generate = generate_cli.build_parser().parse_args(["--model", "m", *argv, "--engine-seed", "3", "--seed", "11"])
+    assert engine_kwargs(generate) == served
+    assert generate.sampling_seed == 11  # generate's --seed is the requests' sampling seed
+    config = EngineConfig.from_kwargs("m", **served)
+    assert (config.max_num_seqs, config.gpu_memory_utilization, config.enable_prefix_caching, config.seed) == (
+        7, 0.5, False, 3)
