@@ -297,7 +297,7 @@ def run_suite(model: str, *, gpu: str = "h100", rows=None, engine_kwargs: dict |
             _profile_decode(llm, profile_path)
         except Exception as exc:  # the table matters more than the profile
             log(f"[{model}] profile failed: {exc}")
-    del llm, runner, graphs
+    llm = runner = graphs = None  # drop the engine (closures above hold the same cells)
     gc.collect()  # the engine holds reference cycles; free its weights, KV pool and graph pool now
     torch.cuda.empty_cache()
     return results
