@@ -26,6 +26,8 @@ from fractal.models.loader import load_hf_config
 from fractal.outputs import RequestMetrics, RequestOutput
 from fractal.sampling_params import SamplingParams
 
+OUTPUT_KINDS = ("cumulative", "final")
+
 
 def _generation_eos_ids(model_dir: str) -> set[int]:
     path = os.path.join(model_dir, "generation_config.json")
@@ -139,8 +141,14 @@ class LLMEngine:
         prompt: str | list[int] | dict,
         params: SamplingParams | None = None,
         arrival_time: float | None = None,
+        output_kind: str = "cumulative",
     ) -> None:
-        """Validate and queue a request; on bad input raise FractalError and change nothing."""
+        """Validate and queue a request; on bad input raise FractalError and change nothing.
+
+        output_kind "cumulative" makes step() return the request's output every step it gets tokens (for
+        streaming); "final" only once, when it finishes (offline generation: no per-step copies)."""
+        if output_kind not in OUTPUT_KINDS:
+            raise FractalError(f"output_kind={output_kind!r} is invalid; valid: {', '.join(OUTPUT_KINDS)}")
         if not isinstance(request_id, str) or not request_id:
             raise FractalError(f"request_id={request_id!r} is invalid: must be a non-empty string")
         if request_id in self.requests:
@@ -175,7 +183,7 @@ class LLMEngine:
 
                 seq.detokenizer = IncrementalDetokenizer(self.tokenizer, list(ids), params, set(self.eos_token_ids))
             seqs.append(seq)
-        self.requests[request_id] = Request(request_id, text, list(ids), params, seqs, metrics)
+        self.requests[request_id] = Request(request_id, text, list(ids), params, seqs, metrics, output_kind)
         for seq in seqs:
             self.scheduler.add(seq)
         self._stats.num_prompt_tokens_total += len(ids)
@@ -300,6 +308,8 @@ class LLMEngine:
             if request.finished:
                 request.metrics.finished_time = now
                 del self.requests[request.request_id]
+            elif request.output_kind == "final":
+                continue
             outputs.append(request.to_output())
 
     def _on_token(self, seq: Sequence, result, request: Request, now: float) -> None:

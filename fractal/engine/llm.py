@@ -63,7 +63,7 @@ class LLM:
         try:
             for prompt, p in zip(prompt_list, params):
                 request_id = f"llm-{next(self._counter)}"
-                self.engine.add_request(request_id, prompt, p)
+                self.engine.add_request(request_id, prompt, p, output_kind="final")
                 ids.append(request_id)
         except FractalError as exc:
             for request_id in ids:

@@ -81,6 +81,8 @@ class Request:
     params: SamplingParams
     seqs: list[Sequence]
     metrics: RequestMetrics
+    # "cumulative": an output every step the request gets tokens (streaming); "final": only when it finishes
+    output_kind: str = "cumulative"
 
     @property
     def finished(self) -> bool:
@@ -105,7 +107,7 @@ class Request:
         return RequestOutput(
             request_id=self.request_id,
             prompt=self.prompt,
-            prompt_token_ids=list(self.prompt_token_ids),
+            prompt_token_ids=self.prompt_token_ids,  # shared, never changed after admission: read-only
             outputs=outputs,
             finished=self.finished,
             metrics=replace(self.metrics),  # a snapshot: later steps keep updating the request's own
