@@ -22,26 +22,7 @@ import time
 from dataclasses import dataclass
 
 from fractal.errors import FractalError
-
-
-def resolve_model_dir(model: str) -> tuple[str, bool]:
-    """(model directory, made_up): a directory as is; a config.json path or a shipped config name
-    (e.g. deepseek-v2-lite) becomes a temporary directory holding that config (weights: --load-format dummy)."""
-    if os.path.isdir(model):
-        return model, False
-    if os.path.isfile(model):
-        path = model
-    else:
-        from fractal.spec.model import MODELS_DIR, shipped_models
-
-        path = str(MODELS_DIR / f"{model.lower()}.json")
-        if not os.path.isfile(path):
-            raise FractalError(f"--model {model!r} is neither a model directory, a config.json nor a shipped "
-                               f"config; shipped: {', '.join(shipped_models())}")
-    tmp = tempfile.mkdtemp(prefix="fractal-bench-")
-    with open(path, encoding="utf-8") as src, open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as dst:
-        dst.write(src.read())
-    return tmp, True
+from fractal.models.paths import resolve_model_dir  # noqa: F401  (re-exported: bench callers use it)
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,11 @@ Units: lengths and budgets in tokens, memory in bytes.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields
 
 from fractal.errors import FractalError
+from fractal.models.paths import config_file_for, resolve_model_dir
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
@@ -135,6 +137,15 @@ class EngineConfig:
             raise FractalError(
                 f"unknown engine option(s) {', '.join(unknown)}; valid: {', '.join(sorted(names - {'model'}))}"
             )
+        if isinstance(model, str) and model and not os.path.isdir(model):
+            # a config.json file or a shipped config name (e.g. "llama-3.1-8b"): real shapes, random weights
+            if kwargs.get("load_format", "auto") != "dummy":
+                config_file_for(model)  # an unknown name fails here, naming the shipped ones
+                raise FractalError(
+                    f"model {model!r} is a config without weights; pass load_format='dummy' (--load-format dummy) "
+                    f"for random weights at its real shapes, or give a model directory"
+                )
+            model, _ = resolve_model_dir(model)
         return cls(model=model, **kwargs)
 
 

@@ -41,7 +41,7 @@ def test_capacity_is_running_plus_queue():
     assert ServerConfig(model_names=("m",), max_running=4, max_queue=3).capacity == 7
 
 
-def test_generate_shares_the_engine_options_with_serve():
+def test_generate_shares_the_engine_options_with_serve(tmp_path):
     from fractal.engine import cli as generate_cli
     from fractal.engine.config import EngineConfig
     from fractal.serve.engine_args import engine_kwargs
@@ -51,6 +51,6 @@ def test_generate_shares_the_engine_options_with_serve():
     generate = generate_cli.build_parser().parse_args(["--model", "m", *argv, "--engine-seed", "3", "--seed", "11"])
     assert engine_kwargs(generate) == served
     assert generate.sampling_seed == 11  # generate's --seed is the requests' sampling seed
-    config = EngineConfig.from_kwargs("m", **served)
+    config = EngineConfig.from_kwargs(str(tmp_path), **served)  # a directory: taken as is
     assert (config.max_num_seqs, config.gpu_memory_utilization, config.enable_prefix_caching, config.seed) == (
         7, 0.5, False, 3)
