@@ -39,7 +39,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ignore-eos", action="store_true")
     s.add_argument("--logprobs", type=int, default=None)
     add_engine_args(p, seed_flag="--engine-seed")  # --seed above is the sampling seed
-    p.add_argument("--floor-gpu", default=None, help="report each step's four-resource floor on this GPU (e.g. h100)")
     return p
 
 
@@ -58,7 +57,7 @@ def main(argv: list[str]) -> int:
         logprobs=args.logprobs,
     )
     t0 = time.perf_counter()
-    llm = LLM(args.model, **engine_kwargs(args), floor_gpu=args.floor_gpu)
+    llm = LLM(args.model, **engine_kwargs(args))
     t1 = time.perf_counter()
     outputs = llm.generate(prompts, params)
     t2 = time.perf_counter()

@@ -360,6 +360,8 @@ class LLMEngine:
             floor = self.floor_model(shape)
             self._stats.last_step_floor_s = floor.floor_s
             self._stats.last_step_bound = floor.bound
+            self._stats.step_floor_total_s += floor.floor_s
+        self._stats.step_time_total_s += elapsed
         self._stats.num_steps_total += 1
 
     def get_stats(self) -> EngineStats:

@@ -41,6 +41,8 @@ class EngineStats:
     last_step: StepShape | None = None  # batch shape of the last step, for a floor comparison
     last_step_floor_s: float | None = None  # the four-resource floor of that step (config.floor_gpu), seconds
     last_step_bound: str | None = None  # the resource that binds that floor: "compute" | "hbm" | "comm"
+    step_time_total_s: float = 0.0  # sum of every step's wall time, seconds
+    step_floor_total_s: float = 0.0  # sum of those steps' floors (0 without floor_gpu), seconds
 
     @property
     def last_step_floor_ratio(self) -> float | None:

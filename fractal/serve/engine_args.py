@@ -26,6 +26,9 @@ def add_engine_args(parser: argparse.ArgumentParser, seed_flag: str = "--seed") 
     e.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     e.add_argument("--num-gpu-blocks", type=int, default=None)
     e.add_argument("--kv-cache-memory-bytes", type=int, default=None)
+    e.add_argument("--floor-gpu", default=None,
+                   help="compute each step's four-resource floor on this GPU (e.g. h100, or a GPU JSON file) and "
+                        "report measured time against it (stats, /metrics)")
     e.add_argument(seed_flag, dest="seed", type=int, default=0, help="engine seed (requests without their own seed)")
 
 
@@ -38,5 +41,5 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         prefill_chunk_size=args.prefill_chunk_size, enable_chunked_prefill=not args.no_chunked_prefill,
         enable_prefix_caching=not args.no_prefix_caching, prefill_order=args.prefill_order,
         gpu_memory_utilization=args.gpu_memory_utilization, num_gpu_blocks=args.num_gpu_blocks,
-        kv_cache_memory_bytes=args.kv_cache_memory_bytes, seed=args.seed,
+        kv_cache_memory_bytes=args.kv_cache_memory_bytes, seed=args.seed, floor_gpu=args.floor_gpu,
     )

@@ -149,6 +149,14 @@ class ServerMetrics:
                                          "since start.")
         self.step_time = Gauge("fractal_engine_last_step_seconds", "Wall time of the engine's last model step.")
         self.engine_steps = Counter("fractal_engine_steps_total", "Engine steps run.")
+        self.step_floor = Gauge("fractal_engine_last_step_floor_seconds", "Four-resource floor of the last step "
+                                "on --floor-gpu (0 without it).")
+        self.step_floor_ratio = Gauge("fractal_engine_last_step_floor_ratio", "Last step's wall time / its floor "
+                                      "(1 = at the floor; 0 without --floor-gpu).")
+        self.step_time_total = EngineCounter("fractal_engine_step_seconds_total", "Wall time of all engine steps.")
+        self.step_floor_total = EngineCounter("fractal_engine_step_floor_seconds_total", "Four-resource floors of "
+                                              "all engine steps; rate(floor) / rate(step) is the share of the "
+                                              "GPU's limit reached.")
         self.ttft = Histogram("fractal_time_to_first_token_seconds", "Arrival to first generated token.",
                               LATENCY_BUCKETS_S)
         self.tpot = Histogram("fractal_time_per_output_token_seconds", "Mean time per output token after the "
@@ -172,12 +180,18 @@ class ServerMetrics:
         self.prefix_queries.set(get("prefix_cache_queries", 0))
         self.preemptions.set(get("num_preempted_total", 0))
         self.step_time.set(get("last_step_time_s", 0.0) or 0.0)
+        floor = get("last_step_floor_s", None) or 0.0
+        self.step_floor.set(floor)
+        self.step_floor_ratio.set((get("last_step_time_s", 0.0) or 0.0) / floor if floor else 0.0)
+        self.step_time_total.set(get("step_time_total_s", 0.0) or 0.0)
+        self.step_floor_total.set(get("step_floor_total_s", 0.0) or 0.0)
 
     def render(self) -> str:
         families = [self.requests, self.http_errors, self.rejected, self.prompt_tokens, self.generation_tokens,
                     self.in_flight, self.num_running, self.num_waiting, self.kv_blocks_used,
                     self.kv_blocks_total, self.kv_usage, self.prefix_hit_rate, self.prefix_hits,
-                    self.prefix_queries, self.preemptions, self.step_time, self.engine_steps, self.ttft,
+                    self.prefix_queries, self.preemptions, self.step_time, self.engine_steps, self.step_floor,
+                    self.step_floor_ratio, self.step_time_total, self.step_floor_total, self.ttft,
                     self.tpot, self.e2e, self.output_len]
         lines: list[str] = []
         for family in families:
