@@ -163,6 +163,19 @@ def bench_moe():
                 err = rel(out, ref) if ref is not None else None
                 row("moe_experts", f"{name} T={T} E={E} k={k}", backend,
                     lambda: fused_experts(x, w13, w2, w, ids, backend=backend), b, f, err)
+            if name == "dsv2lite" and T in (1, 8):  # round 2: the 2 shared experts inside the gemv launches
+                from fractal.kernels.moe_experts import silu_and_mul
+                s13 = (torch.randn(2 * 2 * I, H, device="cuda") / H ** 0.5).to(BF16)
+                s2 = (torch.randn(H, 2 * I, device="cuda") / (2 * I) ** 0.5).to(BF16)
+                bs = b + 3 * H * 2 * I * 2
+                sref = ref + torch.nn.functional.linear(silu_and_mul(x @ s13.t()), s2)
+                out = fused_experts(x, w13, w2, w, ids, backend="gemv", shared=(s13, s2))
+                row("moe_experts", f"{name} T={T} E={E} k={k} +2 shared", "gemv+shared",
+                    lambda: fused_experts(x, w13, w2, w, ids, backend="gemv", shared=(s13, s2)), bs, f,
+                    rel(out, sref))
+                row("moe_experts", f"{name} T={T} E={E} k={k} +2 shared", "gemv, shared apart",
+                    lambda: fused_experts(x, w13, w2, w, ids, backend="gemv")
+                    + torch.nn.functional.linear(silu_and_mul(torch.nn.functional.linear(x, s13)), s2), bs, f)
             if T in (1, 256):
                 row("moe_experts", f"{name} T={T} E={E} k={k}", "torch-loop",
                     lambda: fused_experts_ref(x, w13, w2, w, ids), b, f, graph=False)

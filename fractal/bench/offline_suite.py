@@ -310,6 +310,7 @@ class _Shape:
 
 def _profile_decode(llm, path: str, batches=(1, 64), context: int = 1024) -> None:
     """torch.profiler summaries of decode steps (eager launches, to see every kernel) written to `path`."""
+    import torch
     from torch.profiler import ProfilerActivity, profile
 
     runner = llm.engine.runner
@@ -320,7 +321,9 @@ def _profile_decode(llm, path: str, batches=(1, 64), context: int = 1024) -> Non
                 _decode_step_time(llm, batch, context, steps=2)
                 with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                     _decode_step_time(llm, batch, context, steps=3)
-                handle.write(f"\neager decode, batch {batch}, context {context}: 6 steps (3 warm-up + 3 timed)\n")
+                launches = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+                handle.write(f"\neager decode, batch {batch}, context {context}: 6 steps (3 warm-up + 3 timed); "
+                             f"{launches / 6:.0f} GPU kernels + copies per step\n")
                 handle.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
     finally:
         runner.graphs = graphs

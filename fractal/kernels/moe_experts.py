@@ -41,11 +41,17 @@ if HAS_TRITON:
         tl.store(out_ptr + row * stride_o + cols, a.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _combine_kernel(y_ptr, idx_ptr, w_ptr, out_ptr, stride_y, stride_o, H,
-                        K: tl.constexpr, HAS_IDX: tl.constexpr, BLOCK: tl.constexpr):
+    def _combine_kernel(y_ptr, idx_ptr, w_ptr, add_ptr, out_ptr, stride_y, stride_a, stride_o, H, n_routed,
+                        K: tl.constexpr, HAS_IDX: tl.constexpr, NS: tl.constexpr, HAS_ADD: tl.constexpr,
+                        BLOCK: tl.constexpr):
+        """out[t] = round(sum_j w[t, j] y[row(t, j)]) (+ round(sum_s y[n_routed + t*NS + s])) (+ add[t]).
+
+        Each partial sum is rounded to the output dtype before the next add, as the torch path does
+        (routed out in the model dtype, then `out + shared_experts(x)`)."""
         t = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < H
+        dt = out_ptr.dtype.element_ty
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for j in tl.static_range(K):
             if HAS_IDX:
@@ -54,7 +60,15 @@ if HAS_TRITON:
                 r = t * K + j
             w = tl.load(w_ptr + t * K + j)
             acc += w * tl.load(y_ptr + r * stride_y + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + t * stride_o + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        if NS > 0:
+            sh = tl.zeros([BLOCK], dtype=tl.float32)
+            for j in tl.static_range(NS):
+                r = n_routed + t * NS + j
+                sh += tl.load(y_ptr + r * stride_y + cols, mask=mask, other=0.0).to(tl.float32)
+            acc = acc.to(dt).to(tl.float32) + sh.to(dt).to(tl.float32)
+        if HAS_ADD:
+            acc = acc.to(dt).to(tl.float32) + tl.load(add_ptr + t * stride_a + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + t * stride_o + cols, acc.to(dt), mask=mask)
 
     @triton.jit
     def _moe_gemm_kernel(
@@ -90,16 +104,27 @@ if HAS_TRITON:
 
 
     @triton.jit
-    def _gemv_gate_up_kernel(x_ptr, w_ptr, ids_ptr, out_ptr, H, I, stride_xt, stride_we, stride_wn, stride_o,
-                             TOPK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """out[pair, n] = silu(w13[e, n] . x[t]) * (w13[e, I + n] . x[t]) for one (token, slot) pair."""
+    def _gemv_gate_up_kernel(x_ptr, w_ptr, ws_ptr, ids_ptr, out_ptr, H, I, IS, n_routed,
+                             stride_xt, stride_we, stride_wn, stride_o,
+                             TOPK: tl.constexpr, NS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """out[pair, n] = silu(gate_n . x[t]) * (up_n . x[t]) for one pair: a routed (token, slot) pair
+        (pair < n_routed: expert ids[pair] of w13) or one of the NS I-wide slices of a token's shared expert
+        (ws = shared gate_up weight [2*IS, H], IS = NS * I: slice j is gate rows jI.. and up rows IS + jI..)."""
         pair = tl.program_id(0).to(tl.int64)
-        t = pair // TOPK
-        e = tl.load(ids_ptr + pair).to(tl.int64)
+        if pair < n_routed:
+            t = pair // TOPK
+            e = tl.load(ids_ptr + pair).to(tl.int64)
+            base = w_ptr + e * stride_we
+            up = I * stride_wn
+        else:
+            q = pair - n_routed
+            t = q // NS
+            base = ws_ptr + (q % NS) * I * stride_wn
+            up = IS * stride_wn
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = n < I
         kk = tl.arange(0, BLOCK_K)
-        w_rows = w_ptr + e * stride_we + n.to(tl.int64)[:, None] * stride_wn
+        w_rows = base + n.to(tl.int64)[:, None] * stride_wn
         acc_g = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         for k0 in range(0, H, BLOCK_K):
@@ -107,7 +132,7 @@ if HAS_TRITON:
             x = tl.load(x_ptr + t * stride_xt + k0 + kk, mask=kmask, other=0.0).to(tl.float32)
             wmask = nmask[:, None] & kmask[None, :]
             wg = tl.load(w_rows + k0 + kk[None, :], mask=wmask, other=0.0).to(tl.float32)
-            wu = tl.load(w_rows + I * stride_wn + k0 + kk[None, :], mask=wmask, other=0.0).to(tl.float32)
+            wu = tl.load(w_rows + up + k0 + kk[None, :], mask=wmask, other=0.0).to(tl.float32)
             acc_g += wg * x[None, :]
             acc_u += wu * x[None, :]
         dt = out_ptr.dtype.element_ty
@@ -117,15 +142,23 @@ if HAS_TRITON:
         tl.store(out_ptr + pair * stride_o + n, a.to(dt), mask=nmask)
 
     @triton.jit
-    def _gemv_down_kernel(a_ptr, w_ptr, ids_ptr, out_ptr, H, I, stride_a, stride_we, stride_wn, stride_o,
-                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """out[pair, n] = w2[e, n] . a[pair] for one (token, slot) pair."""
+    def _gemv_down_kernel(a_ptr, w_ptr, ws_ptr, ids_ptr, out_ptr, H, I, IS, n_routed,
+                          stride_a, stride_we, stride_wn, stride_o,
+                          NS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """out[pair, n] = down_n . a[pair]: w2[ids[pair]] for a routed pair, columns jI.. of the shared expert's
+        down weight ws [H, IS] for shared slice j."""
         pair = tl.program_id(0).to(tl.int64)
-        e = tl.load(ids_ptr + pair).to(tl.int64)
+        if pair < n_routed:
+            e = tl.load(ids_ptr + pair).to(tl.int64)
+            base = w_ptr + e * stride_we
+            row = stride_wn
+        else:
+            base = ws_ptr + ((pair - n_routed) % NS) * I
+            row = IS
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = n < H
         kk = tl.arange(0, BLOCK_K)
-        w_rows = w_ptr + e * stride_we + n.to(tl.int64)[:, None] * stride_wn
+        w_rows = base + n.to(tl.int64)[:, None] * row
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         for k0 in range(0, I, BLOCK_K):
             kmask = (k0 + kk) < I
@@ -181,19 +214,22 @@ def silu_and_mul(h: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _combine(y, idx, weights, T, k, out_dtype):
+def _combine(y, idx, weights, T, k, out_dtype, num_shared=0, add=None):
+    """Weighted sum of each token's k routed rows of y (through idx when given), plus its num_shared shared
+    rows (after the T*k routed rows) and add[t] (a shared-expert output computed elsewhere)."""
     H = y.shape[1]
     out = torch.empty(T, H, dtype=out_dtype, device=y.device)
     if T:
         block = min(1024, next_pow2(H))
         _combine_kernel[(T, triton.cdiv(H, block))](
-            y, idx if idx is not None else weights, weights, out, y.stride(0), out.stride(0), H,
-            K=k, HAS_IDX=idx is not None, BLOCK=block, num_warps=4,
+            y, idx if idx is not None else weights, weights, add if add is not None else y, out,
+            y.stride(0), add.stride(0) if add is not None else 0, out.stride(0), H, T * k,
+            K=k, HAS_IDX=idx is not None, NS=num_shared, HAS_ADD=add is not None, BLOCK=block, num_warps=4,
         )
     return out
 
 
-def _experts_grouped_mm(hidden, w13, w2, topk_weights, topk_ids):
+def _experts_grouped_mm(hidden, w13, w2, topk_weights, topk_ids, add=None):
     T, k = topk_ids.shape
     E = w13.shape[0]
     flat = topk_ids.reshape(-1).to(torch.int32)
@@ -206,7 +242,7 @@ def _experts_grouped_mm(hidden, w13, w2, topk_weights, topk_ids):
     y = torch._grouped_mm(a, w2.transpose(1, 2), offs=offs)
     inv = torch.empty_like(order)
     inv[order] = torch.arange(order.numel(), device=order.device)
-    return _combine(y, inv, topk_weights.float().contiguous(), T, k, hidden.dtype)
+    return _combine(y, inv, topk_weights.float().contiguous(), T, k, hidden.dtype, add=add)
 
 
 def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -252,7 +288,7 @@ def _moe_gemm(a, w, sorted_ids, block_expert, num_valid, a_row_div, block_m):
     return c
 
 
-def _experts_triton(hidden, w13, w2, topk_weights, topk_ids):
+def _experts_triton(hidden, w13, w2, topk_weights, topk_ids, add=None):
     T, k = topk_ids.shape
     E = w13.shape[0]
     n = T * k
@@ -261,12 +297,14 @@ def _experts_triton(hidden, w13, w2, topk_weights, topk_ids):
     h = _moe_gemm(hidden, w13, sorted_ids, block_expert, n, k, block_m)
     a = silu_and_mul(h)
     y = _moe_gemm(a, w2, sorted_ids, block_expert, n, 1, block_m)
-    return _combine(y, None, topk_weights.float().contiguous(), T, k, hidden.dtype)
+    return _combine(y, None, topk_weights.float().contiguous(), T, k, hidden.dtype, add=add)
 
 
-def _experts_gemv(hidden, w13, w2, topk_weights, topk_ids):
+def _experts_gemv(hidden, w13, w2, topk_weights, topk_ids, shared=None, add=None):
     """Few (token, slot) pairs: one program per pair and output tile reads its expert's rows directly (no sort,
-    no padding, no permuted copy); gate/up GEMV, SiLU-and-mul fused; then down GEMV and the weighted sum."""
+    no padding, no permuted copy); gate/up GEMV, SiLU-and-mul fused; then down GEMV and the weighted sum.
+    shared = (ws13 [2*IS, H], ws2 [H, IS]) with IS a multiple of I: the shared expert runs in the same three
+    launches as IS / I extra pairs per token (weight 1), instead of two GEMMs, an activation and an add."""
     T, k = topk_ids.shape
     E, two_i, H = w13.shape
     I = two_i // 2
@@ -274,17 +312,33 @@ def _experts_gemv(hidden, w13, w2, topk_weights, topk_ids):
     ids = topk_ids.reshape(-1).contiguous()
     if w13.stride(-1) != 1 or w2.stride(-1) != 1:
         w13, w2 = w13.contiguous(), w2.contiguous()
-    a = torch.empty(n, I, dtype=hidden.dtype, device=hidden.device)
-    _gemv_gate_up_kernel[(n, triton.cdiv(I, 16))](
-        hidden, w13, ids, a, H, I, hidden.stride(0), w13.stride(0), w13.stride(1), a.stride(0),
-        TOPK=k, BLOCK_N=16, BLOCK_K=256, num_warps=4,
+    ns, IS, ws13, ws2 = 0, I, w13, w2
+    if shared is not None:
+        ws13, ws2 = shared
+        IS = ws2.shape[1]
+        ns = IS // I
+        if not (ws13.is_contiguous() and ws2.is_contiguous()):
+            ws13, ws2 = ws13.contiguous(), ws2.contiguous()
+    rows = n + T * ns
+    a = torch.empty(rows, I, dtype=hidden.dtype, device=hidden.device)
+    _gemv_gate_up_kernel[(rows, triton.cdiv(I, 16))](
+        hidden, w13, ws13, ids, a, H, I, IS, n, hidden.stride(0), w13.stride(0), w13.stride(1), a.stride(0),
+        TOPK=k, NS=max(ns, 1), BLOCK_N=16, BLOCK_K=256, num_warps=4,
     )
-    y = torch.empty(n, H, dtype=hidden.dtype, device=hidden.device)
-    _gemv_down_kernel[(n, triton.cdiv(H, 32))](
-        a, w2, ids, y, H, I, a.stride(0), w2.stride(0), w2.stride(1), y.stride(0),
-        BLOCK_N=32, BLOCK_K=256, num_warps=4,
+    y = torch.empty(rows, H, dtype=hidden.dtype, device=hidden.device)
+    _gemv_down_kernel[(rows, triton.cdiv(H, 32))](
+        a, w2, ws2, ids, y, H, I, IS, n, a.stride(0), w2.stride(0), w2.stride(1), y.stride(0),
+        NS=max(ns, 1), BLOCK_N=32, BLOCK_K=256, num_warps=4,
     )
-    return _combine(y, None, topk_weights.float().contiguous(), T, k, hidden.dtype)
+    return _combine(y, None, topk_weights.float().contiguous(), T, k, hidden.dtype, num_shared=ns, add=add)
+
+
+def shared_fits_gemv(w13: torch.Tensor, shared_w13: torch.Tensor, shared_w2: torch.Tensor) -> bool:
+    """Whether a shared expert (gate_up [2*IS, H], down [H, IS]) can run as IS / I pseudo-experts of the gemv path."""
+    I, H = w13.shape[1] // 2, w13.shape[2]
+    IS = shared_w2.shape[1]
+    return (IS % I == 0 and IS > 0 and shared_w13.shape == (2 * IS, H) and shared_w2.shape == (H, IS)
+            and shared_w13.dtype == w13.dtype == shared_w2.dtype)
 
 
 def fused_experts(
@@ -294,22 +348,42 @@ def fused_experts(
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
     backend: str | None = None,
+    shared: tuple[torch.Tensor, torch.Tensor] | None = None,
+    add: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Weighted sum of the routed experts' outputs, [T, H]. backend None picks by measurement (docs/perf-notes.md)."""
+    """Weighted sum of the routed experts' outputs, [T, H]. backend None picks by measurement (docs/perf-notes.md).
+
+    shared (gemv backend only; see shared_fits_gemv) = a shared expert's (gate_up weight, down weight) whose
+    output is added: round(routed) + round(shared), as `out + shared_experts(x)` rounds. add [T, H]: a tensor
+    added the same way inside the combine kernel (a shared expert computed by the caller).
+    """
     _check(hidden, w13, w2, topk_ids)
     if not use_triton(hidden, w13, w2):
-        return fused_experts_ref(hidden, w13, w2, topk_weights, topk_ids)
+        out = fused_experts_ref(hidden, w13, w2, topk_weights, topk_ids)
+        if shared is not None:
+            out = out + shared_expert_ref(hidden, *shared)
+        return out if add is None else out + add
     if backend is None:
         backend = default_backend(topk_ids.numel())
     if backend not in BACKENDS:
         raise FractalError(f"MoE backend {backend!r} is not valid; valid: {list(BACKENDS)}")
+    if shared is not None and (backend != "gemv" or not shared_fits_gemv(w13, *shared)):
+        raise FractalError("shared experts fuse only into the gemv backend, with IS a multiple of I "
+                           "(see shared_fits_gemv); pass their output as add= instead")
     if hidden.stride(-1) != 1:
         hidden = hidden.contiguous()
+    if add is not None and add.stride(-1) != 1:
+        add = add.contiguous()
     if backend == "gemv":
-        return _experts_gemv(hidden, w13, w2, topk_weights, topk_ids)
+        return _experts_gemv(hidden, w13, w2, topk_weights, topk_ids, shared, add)
     if backend == "grouped_mm" and hidden.dtype == torch.bfloat16:  # torch._grouped_mm takes bf16 only
-        return _experts_grouped_mm(hidden, w13, w2, topk_weights, topk_ids)
-    return _experts_triton(hidden, w13, w2, topk_weights, topk_ids)
+        return _experts_grouped_mm(hidden, w13, w2, topk_weights, topk_ids, add)
+    return _experts_triton(hidden, w13, w2, topk_weights, topk_ids, add)
+
+
+def shared_expert_ref(hidden: torch.Tensor, shared_w13: torch.Tensor, shared_w2: torch.Tensor) -> torch.Tensor:
+    """Plain torch: the shared expert as a gated MLP (gate_up [2*IS, H], down [H, IS]) in hidden's dtype."""
+    return _silu_and_mul_ref(hidden @ shared_w13.t()) @ shared_w2.t()
 
 
 def default_backend(num_pairs: int) -> str:

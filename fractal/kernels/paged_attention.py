@@ -21,6 +21,9 @@ from fractal.errors import FractalError
 from fractal.kernels._triton_support import HAS_TRITON, next_pow2, use_triton
 
 _NUM_SMS = 132  # H100 SXM / H200; only steers the split count
+# split-K bounds (round 2, docs/perf-notes.md): short chunks at small batch, merge tile of <= 32 x D floats
+GQA_MIN_CHUNK = 64
+GQA_MAX_SPLITS = 32
 
 if HAS_TRITON:
     from fractal.kernels._triton_support import tl, triton
@@ -111,18 +114,23 @@ def merge_splits(part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) -> No
 
 
 def choose_splits(batch_programs: int, max_seq_len: int, block_n: int, min_chunk: int = 256,
-                  slots: int | None = None) -> tuple[int, int]:
-    """(splits, chunk tokens) with chunks of >= min_chunk tokens.
+                  slots: int | None = None, max_splits: int | None = None) -> tuple[int, int]:
+    """(splits, chunk tokens) with chunks of >= min_chunk tokens and at most max_splits splits.
 
     slots None: enough programs to fill the GPU about twice (GQA decode: small programs, many per SM).
     slots = programs that run at once (MLA decode: 2 per SM): at most one full wave, since a second, partial
     wave costs a whole program's time (measured: 320 programs 183 us vs 256 programs 137 us).
+    At small batch the chunk length is the latency (each program walks its chunk serially, one dependent
+    block-table + cache load per tile), so a small min_chunk lets B=1 use many short chunks; max_splits
+    bounds the merge kernel's [splits, D] tile.
     """
     max_seq_len = max(1, max_seq_len)
     if slots is None:
         want = max(1, math.ceil(2 * _NUM_SMS / max(1, batch_programs)))
     else:
         want = max(1, slots // max(1, batch_programs))
+    if max_splits is not None:
+        want = min(want, max_splits)
     splits = max(1, min(want, math.ceil(max_seq_len / min_chunk)))
     chunk = math.ceil(math.ceil(max_seq_len / splits) / block_n) * block_n
     splits = math.ceil(max_seq_len / chunk)
@@ -181,7 +189,7 @@ def paged_decode_attention(
         raise FractalError("paged_decode_attention needs a contiguous last dim in q and kv_cache")
     G = Hq // Hkv
     block_n = 64 if D <= 128 else 32
-    splits, chunk = choose_splits(B * Hkv, max_seq_len, block_n)
+    splits, chunk = choose_splits(B * Hkv, max_seq_len, block_n, min_chunk=GQA_MIN_CHUNK, max_splits=GQA_MAX_SPLITS)
     qk_scale = scale * 1.4426950408889634  # log2(e): the kernel uses exp2
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     common = dict(G=G, BLOCK_G=max(16, next_pow2(G)), D=D, BLOCK_D=next_pow2(D), BLOCK_N=block_n, PAGE=page,

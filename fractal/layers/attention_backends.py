@@ -47,8 +47,11 @@ class AttentionBackend:
         """(b) GQA causal attention of q [T, H, D] over each sequence's cache -> [T, H, D]."""
         raise NotImplementedError
 
-    def write_mla(self, kv_cache: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        """(a) MLA: store latent [T, L] and k_rope [T, R] at flat slots [T]."""
+    def write_mla(self, kv_cache: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor, slot_mapping: torch.Tensor,
+                  norm: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        """(a) MLA: store norm(latent) [T, L] (latent as is when norm is None) and k_rope [T, R] at flat slots [T].
+
+        Passing the latent's RMSNorm lets a backend fuse it into the write (it is used nowhere else)."""
         raise NotImplementedError
 
     def mla_decode(
@@ -113,7 +116,9 @@ class TorchAttentionBackend(AttentionBackend):
             out[start:start + q_len] = _causal_attend(q[start:start + q_len], k, v, ctx, scale)
         return out
 
-    def write_mla(self, kv_cache, latent, k_rope, slot_mapping):
+    def write_mla(self, kv_cache, latent, k_rope, slot_mapping, norm=None):
+        if norm is not None:
+            latent = norm(latent)
         flat = kv_cache.flatten(0, 1)  # [num_slots, L + R] view
         flat.index_copy_(0, slot_mapping, torch.cat((latent, k_rope), dim=-1).to(kv_cache.dtype))
 

@@ -15,8 +15,9 @@ AttentionMetadata, so the forward has no host synchronisation and can be capture
 The split-K kernels get `max_seq_len` rounded up to `context_bucket`, the same bound the CUDA-graph runner
 captures with, so eager and replayed decode steps launch the same kernels (identical numerics).
 
-`accelerate_model(model)` swaps RMSNorm, RotaryEmbedding and GatedMLP instances for subclasses whose
-forward calls the Triton kernels (same parameters, same results up to rounding): fewer, larger kernels.
+`accelerate_model(model)` swaps RMSNorm (incl. the fused residual add), RotaryEmbedding, GatedMLP and float32
+Router instances for subclasses whose forward calls the Triton kernels (same parameters, same results up to
+rounding): fewer, larger kernels.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import torch
 from fractal.layers.attention_backends import AttentionBackend, TorchAttentionBackend, register_attention_backend
 from fractal.layers.attention_metadata import AttentionMetadata
 from fractal.layers.moe import MoEBackend, MoEConfig, TorchMoEBackend, register_moe_backend
+from fractal.layers.norm import RMSNorm
 
 try:
     from fractal.kernels.paged_attention import paged_decode_attention
@@ -43,13 +45,20 @@ try:
 except ImportError:  # pragma: no cover
     RoutingConfig = route = None
 try:
-    from fractal.kernels.moe_experts import fused_experts, silu_and_mul
+    from fractal.kernels.moe_experts import default_backend as default_moe_backend
+    from fractal.kernels.moe_experts import fused_experts, shared_fits_gemv, silu_and_mul
 except ImportError:  # pragma: no cover
-    fused_experts = silu_and_mul = None
+    fused_experts = silu_and_mul = shared_fits_gemv = default_moe_backend = None
 try:
+    from fractal.kernels.rmsnorm import fused_add_rms_norm as fused_add_rms_norm_kernel
     from fractal.kernels.rmsnorm import rms_norm as rms_norm_kernel
 except ImportError:  # pragma: no cover
-    rms_norm_kernel = None
+    rms_norm_kernel = fused_add_rms_norm_kernel = None
+try:
+    from fractal.kernels.kv_write import write_kv as write_kv_kernel
+    from fractal.kernels.kv_write import write_mla as write_mla_kernel
+except ImportError:  # pragma: no cover
+    write_kv_kernel = write_mla_kernel = None
 try:
     from fractal.kernels.rotary import build_cos_sin_cache, rotary_embedding_
 except ImportError:  # pragma: no cover
@@ -141,10 +150,14 @@ class TritonAttentionBackend(AttentionBackend):
 
     # --- cache writes (index_copy_: no host sync, graph-safe) -----------------------------------------
     def write_kv(self, kv_cache, key, value, slot_mapping):
-        self.ref.write_kv(kv_cache, key, value, slot_mapping)
+        if write_kv_kernel is None:
+            return self.ref.write_kv(kv_cache, key, value, slot_mapping)
+        write_kv_kernel(kv_cache, key, value, slot_mapping)
 
-    def write_mla(self, kv_cache, latent, k_rope, slot_mapping):
-        self.ref.write_mla(kv_cache, latent, k_rope, slot_mapping)
+    def write_mla(self, kv_cache, latent, k_rope, slot_mapping, norm=None):
+        if write_mla_kernel is not None and isinstance(norm, RMSNorm):  # norm fused into the write: one kernel
+            return write_mla_kernel(kv_cache, latent, norm.weight, norm.eps, k_rope, slot_mapping)
+        self.ref.write_mla(kv_cache, latent, k_rope, slot_mapping, norm)
 
     # --- GQA ------------------------------------------------------------------------------------------
     def gqa_attention(self, q, kv_cache, meta, scale):
@@ -178,7 +191,7 @@ class TritonAttentionBackend(AttentionBackend):
         sp = self.split(meta)
         if sp.num_decode_rows != q_nope.shape[0]:  # forced "absorb" on a prefill batch: reference path
             return self.ref.mla_decode(q_nope, q_rope, kv_cache, meta, w_uk, w_uv, scale)
-        return self._absorbed(q_nope, q_rope.contiguous(), kv_cache, meta.block_tables, meta.seq_lens,
+        return self._absorbed(q_nope, q_rope, kv_cache, meta.block_tables, meta.seq_lens,
                               sp.decode_bound, w_uk, w_uv, scale)
 
     def mla_prefill(self, q_nope, q_rope, kv_cache, meta, w_uk, w_uv, scale):
@@ -190,7 +203,7 @@ class TritonAttentionBackend(AttentionBackend):
         heads, rank = q_nope.shape[1], w_uk.shape[-1]
         out = q_nope.new_empty(q_nope.shape[0], heads, w_uv.shape[1])
         if nd:  # decode rows of a mixed batch: absorbed, over the latents directly
-            out[:nd] = self._absorbed(q_nope[:nd], q_rope[:nd].contiguous(), kv_cache, meta.block_tables[:nd],
+            out[:nd] = self._absorbed(q_nope[:nd], q_rope[:nd], kv_cache, meta.block_tables[:nd],
                                       meta.seq_lens[:nd], sp.decode_bound, w_uk, w_uv, scale)
         if nd == q_nope.shape[0]:
             return out
@@ -240,6 +253,19 @@ class TritonMoEBackend(MoEBackend):
             return self.ref.experts(x, w13, w2, topk_weights, topk_ids.long(), hidden_act)
         return fused_experts(x, w13, w2, topk_weights, topk_ids)
 
+    def experts_and_shared(self, x, w13, w2, topk_weights, topk_ids, hidden_act, shared):
+        """Few pairs: the shared expert runs inside the gemv launches; otherwise its output is added by the
+        combine kernel (no separate add)."""
+        if shared is None or fused_experts is None or hidden_act not in ("silu", "swish"):
+            return super().experts_and_shared(x, w13, w2, topk_weights, topk_ids, hidden_act, shared)
+        if (default_moe_backend(topk_ids.numel()) == "gemv" and type(shared) in (GatedMLP, FastGatedMLP)
+                and shared.act is torch.nn.functional.silu and shared.down_proj.bias is None
+                and shared.gate_up_proj.bias is None
+                and shared_fits_gemv(w13, shared.gate_up_proj.weight, shared.down_proj.weight)):
+            return fused_experts(x, w13, w2, topk_weights, topk_ids, backend="gemv",
+                                 shared=(shared.gate_up_proj.weight, shared.down_proj.weight))
+        return fused_experts(x, w13, w2, topk_weights, topk_ids, add=shared(x))
+
 
 register_attention_backend("triton", TritonAttentionBackend, default_for="cuda")
 register_moe_backend("triton", TritonMoEBackend, default_for="cuda")
@@ -247,15 +273,17 @@ register_moe_backend("triton", TritonMoEBackend, default_for="cuda")
 
 # --- fast variants of the small per-layer modules ------------------------------------------------------
 from fractal.layers.mlp import GatedMLP  # noqa: E402
-from fractal.layers.norm import RMSNorm  # noqa: E402
+from fractal.layers.moe import Router  # noqa: E402
 from fractal.layers.rotary import RotaryEmbedding  # noqa: E402
 
 
 class FastRMSNorm(RMSNorm):
-    """RMSNorm through one Triton kernel (same rounding as the torch module)."""
+    """RMSNorm (and the fused residual add + RMSNorm) through one Triton kernel (same rounding as the torch module)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm_kernel(x, self.weight, self.eps)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if residual is None:
+            return rms_norm_kernel(x, self.weight, self.eps)
+        return fused_add_rms_norm_kernel(x, residual, self.weight, self.eps)
 
 
 class FastGatedMLP(GatedMLP):
@@ -266,6 +294,15 @@ class FastGatedMLP(GatedMLP):
         if h.dim() != 2:
             return super().forward(x)
         return self.down_proj(silu_and_mul(h))
+
+
+class FastRouter(Router):
+    """A float32 router (DeepSeek) with its weight converted once, not on every step (one kernel less per layer)."""
+
+    weight_fp32: torch.Tensor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x.float(), self.weight_fp32)
 
 
 class FastRotaryEmbedding(RotaryEmbedding):
@@ -279,12 +316,12 @@ class FastRotaryEmbedding(RotaryEmbedding):
 
 
 def accelerate_model(model: torch.nn.Module, max_positions: int | None = None) -> dict[str, int]:
-    """Swap RMSNorm / RotaryEmbedding / GatedMLP modules for their kernel-backed subclasses (CUDA only).
+    """Swap RMSNorm / RotaryEmbedding / GatedMLP / float32 Router modules for kernel-backed subclasses (CUDA only).
 
     max_positions bounds the RoPE table (default: each RopeConfig's max_position_embeddings).
     Returns how many modules of each kind were swapped.
     """
-    swapped = {"rmsnorm": 0, "rotary": 0, "mlp": 0}
+    swapped = {"rmsnorm": 0, "rotary": 0, "mlp": 0, "router": 0}
     tables: dict = {}
     for module in model.modules():
         device = next((p.device for p in module.parameters()), None)
@@ -295,6 +332,10 @@ def accelerate_model(model: torch.nn.Module, max_positions: int | None = None) -
               and device is not None and device.type == "cuda"):
             module.__class__ = FastGatedMLP
             swapped["mlp"] += 1
+        elif type(module) is Router and module.fp32 and module.weight.is_cuda and module.weight.dtype != torch.float32:
+            module.weight_fp32 = module.weight.detach().float()
+            module.__class__ = FastRouter
+            swapped["router"] += 1
     # rotary modules hold no parameters: take the device from the model
     device = next(model.parameters()).device
     if device.type == "cuda" and rotary_embedding_ is not None:

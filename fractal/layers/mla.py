@@ -80,9 +80,9 @@ class MLAttention(nn.Module):
         q = q.view(-1, cfg.num_heads, cfg.qk_head_dim)
         q_nope, q_rope = q.split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
         latent, k_rope = self.kv_a_proj_with_mqa(x).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
-        latent = self.kv_a_layernorm(latent)
         q_rope, k_rope = self.rotary(positions, q_rope, k_rope[:, None, :])
-        self.backend.write_mla(kv_cache, latent, k_rope[:, 0, :], meta.slot_mapping)
+        # the latent is used only through the cache: its RMSNorm goes with the write (one kernel on the GPU path)
+        self.backend.write_mla(kv_cache, latent, k_rope[:, 0, :], meta.slot_mapping, norm=self.kv_a_layernorm)
         w_uk, w_uv = self.absorbed_weights()
         absorb = self.mode == "absorb" or (self.mode == "auto" and meta.is_decode_only)
         attend = self.backend.mla_decode if absorb else self.backend.mla_prefill

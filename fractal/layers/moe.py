@@ -76,6 +76,14 @@ class MoEBackend:
         """sum_j weights[t, j] * expert_{ids[t, j]}(x[t]) -> [T, H] in x's dtype."""
         raise NotImplementedError
 
+    def experts_and_shared(
+        self, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor, hidden_act: str, shared: nn.Module | None,
+    ) -> torch.Tensor:
+        """experts(...) + shared(x) (the always-on shared experts, a GatedMLP, or None); a backend may fuse them."""
+        out = self.experts(x, w13, w2, topk_weights, topk_ids, hidden_act)
+        return out if shared is None else out + shared(x)
+
 
 class TorchMoEBackend(MoEBackend):
     """Reference: top-k routing in float32, then a loop over the experts that received tokens."""
@@ -204,7 +212,5 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.backend.select_experts(self.gate(x), self.cfg, self.gate.e_score_correction_bias)
-        out = self.backend.experts(x, self.experts.w13, self.experts.w2, weights, ids, self.cfg.hidden_act)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
-        return out
+        return self.backend.experts_and_shared(x, self.experts.w13, self.experts.w2, weights, ids,
+                                               self.cfg.hidden_act, self.shared_experts)

@@ -27,7 +27,13 @@ from fractal.models.config import ModelConfig
 
 
 class DecoderLayer(nn.Module):
-    """x + attn(norm(x)), then h + mlp(norm(h)) — the same order of additions as HF."""
+    """x + attn(norm(x)), then h + mlp(norm(h)) — the same additions as HF, carried as a residual stream.
+
+    forward takes and returns (hidden, residual): the residual add of each block is done by the next norm
+    (`RMSNorm(x, residual)`: one fused kernel on the GPU path), so the layer's output is mlp_out with the
+    running residual beside it; CausalLM.forward applies the final norm the same way. residual None (first
+    layer): the input is the residual.
+    """
 
     def __init__(self, self_attn: nn.Module, mlp: nn.Module, hidden_size: int, eps: float) -> None:
         super().__init__()
@@ -37,10 +43,16 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(hidden_size, eps)
 
     def forward(
-        self, positions: torch.Tensor, x: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
-    ) -> torch.Tensor:
-        h = x + self.self_attn(positions, self.input_layernorm(x), kv_cache, meta)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        self, positions: torch.Tensor, x: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+        residual: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(positions, h, kv_cache, meta)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class DecoderModel(nn.Module):
@@ -93,9 +105,12 @@ class CausalLM(nn.Module):
                 f"({attn_metadata.num_tokens} tokens) must have the same number of tokens"
             )
         h = self.model.embed_tokens(input_ids)
+        residual = None
         for layer, cache in zip(self.model.layers, kv_caches):
-            h = layer(positions, h, cache, attn_metadata)
-        return self.model.norm(h)
+            h, residual = layer(positions, h, cache, attn_metadata, residual)
+        if residual is None:  # no layers
+            return self.model.norm(h)
+        return self.model.norm(h, residual)[0]
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight

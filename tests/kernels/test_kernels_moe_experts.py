@@ -70,3 +70,40 @@ def test_experts_gpu(backend, T, E, H, I, k, skew):
     ref = fused_experts_ref(*args)
     assert out.shape == ref.shape and not out.isnan().any()
     assert _rel(out, ref) < 1e-2
+
+
+def test_experts_with_shared_reference_on_cpu():
+    """CPU: fused_experts(shared=..., add=...) equals routed reference + the shared gated MLP (+ add)."""
+    torch.manual_seed(3)
+    hidden, w13, w2, weights, ids = _inputs(4, 6, 16, 8, 2, "cpu", torch.float32)
+    s13, s2 = torch.randn(32, 16) / 4, torch.randn(16, 16) / 4
+    extra = torch.randn(4, 16)
+    want = fused_experts_ref(hidden, w13, w2, weights, ids).double()
+    sh = (F.silu(hidden.double() @ s13[:16].double().t()) * (hidden.double() @ s13[16:].double().t())) @ s2.double().t()
+    got = fused_experts(hidden, w13, w2, weights, ids, shared=(s13, s2), add=extra)
+    torch.testing.assert_close(got.double(), want + sh + extra.double(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,E,H,I,k,ns", [(1, 64, 2048, 1408, 6, 2), (3, 8, 256, 128, 2, 1), (8, 16, 512, 64, 4, 3)])
+def test_experts_gemv_with_shared_gpu(T, E, H, I, k, ns):
+    """Shared expert as ns pseudo-experts inside the gemv launches, against routed ref + a plain gated MLP."""
+    torch.manual_seed(T + ns)
+    hidden, w13, w2, weights, ids = _inputs(T, E, H, I, k, "cuda", torch.bfloat16)
+    s13 = (torch.randn(2 * ns * I, H, device="cuda") / H ** 0.5).to(torch.bfloat16)
+    s2 = (torch.randn(H, ns * I, device="cuda") / (ns * I) ** 0.5).to(torch.bfloat16)
+    out = fused_experts(hidden, w13, w2, weights, ids, backend="gemv", shared=(s13, s2))
+    ref = fused_experts_ref(hidden, w13, w2, weights, ids) + F.linear(
+        F.silu(F.linear(hidden, s13[: ns * I])) * F.linear(hidden, s13[ns * I:]), s2)
+    assert not out.isnan().any() and _rel(out, ref) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_experts_add_gpu(backend):
+    """add= is summed in the combine kernel: routed (rounded) + add, as `out + shared(x)` rounds."""
+    torch.manual_seed(11)
+    args = _inputs(40, 16, 512, 256, 4, "cuda", torch.bfloat16)
+    extra = torch.randn(40, 512, device="cuda").to(torch.bfloat16)
+    out = fused_experts(*args, backend=backend, add=extra)
+    assert _rel(out, fused_experts_ref(*args) + extra) < 1e-2
