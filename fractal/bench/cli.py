@@ -4,6 +4,7 @@
         --request-rate 8 --max-concurrency 32 --slo-ttft 500 --slo-tpot 50 --result-json out.json
     fractal bench offline --model deepseek-v2-lite --load-format dummy --input-len 512 --output-len 256 \\
         --num-prompts 64 --gpu h100
+    fractal bench offline --suite --model deepseek-v2-lite --model llama-3.1-8b --model qwen3-30b-a3b   # GPU table
 """
 from __future__ import annotations
 
@@ -133,12 +134,17 @@ def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: fractal bench {serve,offline} [options]\n\n"
               "  serve    load an OpenAI-compatible server: TTFT, TPOT, ITL, E2E, throughput, goodput\n"
-              "  offline  offline generate throughput beside the four-resource floor\n\n"
+              "  offline  offline generate throughput beside the four-resource floor\n"
+              "           (--suite: the fixed GPU table of docs/perf-notes.md for each --model, dummy weights)\n\n"
               "`fractal bench serve --help` / `fractal bench offline --help` for options.")
         return 0
     if argv[0] == "serve":
         return serve_main(argv[1:])
     if argv[0] == "offline":
+        if "--suite" in argv[1:]:  # the issue-5 table: fixed workloads per model, the floor beside each row
+            from fractal.bench import offline_suite
+
+            return offline_suite.main([a for a in argv[1:] if a != "--suite"])
         return offline_main(argv[1:])
     print(f"fractal bench: unknown mode {argv[0]!r}; choose serve or offline", file=sys.stderr)
     return 2

@@ -208,7 +208,7 @@ def run_suite(model: str, *, gpu: str = "h100", rows=None, engine_kwargs: dict |
     wanted = list(rows or DEFAULT_ROWS)
     unknown = [r for r in wanted if r not in ROWS and r not in PLAIN_ROWS]
     if unknown:
-        raise FractalError(f"unknown suite row(s) {unknown}; valid: {', '.join(ROWS + PLAIN_ROWS)}")
+        raise FractalError(f"unknown suite row(s) {unknown}; valid: {', '.join([*ROWS, *PLAIN_ROWS])}")
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     model_dir, _ = resolve_model_dir(model)
     key = model.lower() if model.lower() in PEER else None
@@ -360,17 +360,23 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="fractal bench offline --suite", description=__doc__.split("\n")[0])
     parser.add_argument("--model", action="append", required=True, help="shipped config name or model dir (repeat)")
     parser.add_argument("--gpu", default="h100")
+    parser.add_argument("--load-format", default="dummy", choices=["dummy", "auto", "safetensors"],
+                        help="dummy (default): random weights at the config's shapes; auto: the model dir's checkpoint")
     parser.add_argument("--rows", default=None, help="comma-separated row names (default: all)")
     parser.add_argument("--plain", action="store_true", help="also the plain-path rows (before/after)")
     parser.add_argument("--json", default=None, help="write all rows here")
     parser.add_argument("--profile-dir", default=None, help="write a torch.profiler summary per model here")
     args = parser.parse_args(argv)
     rows = args.rows.split(",") if args.rows else list(DEFAULT_ROWS) + (list(PLAIN_ROWS) if args.plain else [])
+    unknown = [r for r in rows if r not in ROWS and r not in PLAIN_ROWS]
+    if unknown:  # before any model loads: a one-line error, not a table of errors
+        raise FractalError(f"unknown suite row(s) {unknown}; valid: {', '.join([*ROWS, *PLAIN_ROWS])}")
     everything, tables = {}, []
     for model in args.model:
         profile = f"{args.profile_dir}/profile-{model.replace('/', '_')}.txt" if args.profile_dir else None
         try:
-            result = run_suite(model, gpu=args.gpu, rows=rows, profile_path=profile)
+            result = run_suite(model, gpu=args.gpu, rows=rows, profile_path=profile,
+                               engine_kwargs={"load_format": args.load_format})
         except Exception as exc:
             result = [dict(name="suite", error=f"{type(exc).__name__}: {exc}")]
         everything[model] = result

@@ -56,3 +56,11 @@ def test_format_table(suite_rows):
     for name in rows:
         assert name in text
     assert text.splitlines()[0] == "tiny"
+
+
+def test_suite_cli_rejects_unknown_rows_in_one_line(capsys):
+    from fractal.cli import main
+
+    assert main(["bench", "offline", "--suite", "--model", "deepseek-v2-lite", "--rows", "gen-n1,nosuch"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown suite row(s) ['nosuch']" in err[0]
