@@ -144,25 +144,33 @@ def bench_routing():
 
 
 # ---------------------------------------------------------------- MoE experts
-def bench_moe():
-    from fractal.kernels.moe_experts import fused_experts, fused_experts_ref
+MOE_SHAPES = (("dsv2lite", 64, 2048, 1408, 6), ("qwen3moe", 128, 2048, 768, 8))
 
-    for name, E, H, I, k in (("dsv2lite", 64, 2048, 1408, 6), ("qwen3moe", 128, 2048, 768, 8)):
+
+def _moe_case(E, H, I, k, T):
+    x = torch.randn(T, H, dtype=BF16, device="cuda")
+    ids = torch.rand(T, E, device="cuda").topk(k, dim=-1).indices.to(torch.int32)
+    w = torch.rand(T, k, device="cuda")
+    touched = ids.unique().numel()
+    return x, ids, w, touched * 3 * H * I * 2 + 2 * T * H * 2, 2 * T * k * 3 * H * I
+
+
+def bench_moe():
+    from fractal.kernels.moe_experts import _experts_triton_r2, fused_experts, fused_experts_ref
+
+    for name, E, H, I, k in MOE_SHAPES:
         w13 = (torch.randn(E, 2 * I, H, device="cuda") / H ** 0.5).to(BF16)
         w2 = (torch.randn(E, H, I, device="cuda") / I ** 0.5).to(BF16)
-        for T in (1, 8, 64, 256, 2048, 8192):
-            x = torch.randn(T, H, dtype=BF16, device="cuda")
-            ids = torch.rand(T, E, device="cuda").topk(k, dim=-1).indices.to(torch.int32)
-            w = torch.rand(T, k, device="cuda")
-            touched = ids.unique().numel()
-            b = touched * 3 * H * I * 2 + 2 * T * H * 2
-            f = 2 * T * k * 3 * H * I
-            ref = fused_experts_ref(x, w13, w2, w, ids) if T <= 2048 else None
-            for backend in (("gemv", "triton", "grouped_mm") if T <= 64 else ("triton", "grouped_mm")):
-                out = fused_experts(x, w13, w2, w, ids, backend=backend)
-                err = rel(out, ref) if ref is not None else None
-                row("moe_experts", f"{name} T={T} E={E} k={k}", backend,
-                    lambda: fused_experts(x, w13, w2, w, ids, backend=backend), b, f, err)
+        for T in (1, 8, 64, 256, 2048):
+            x, ids, w, b, f = _moe_case(E, H, I, k, T)
+            ref = fused_experts_ref(x, w13, w2, w, ids)
+            variants = ("gemv", "triton", "triton-r2", "grouped_mm") if T <= 64 else ("triton", "triton-r2", "grouped_mm")
+            for backend in variants:
+                if backend == "triton-r2":  # round 2's padded GEMM, same run, for before/after
+                    fn = lambda: _experts_triton_r2(x, w13, w2, w, ids)  # noqa: E731
+                else:
+                    fn = lambda backend=backend: fused_experts(x, w13, w2, w, ids, backend=backend)  # noqa: E731
+                row("moe_experts", f"{name} T={T} E={E} k={k}", backend, fn, b, f, rel(fn(), ref))
             if name == "dsv2lite" and T in (1, 8):  # round 2: the 2 shared experts inside the gemv launches
                 from fractal.kernels.moe_experts import silu_and_mul
                 s13 = (torch.randn(2 * 2 * I, H, device="cuda") / H ** 0.5).to(BF16)
@@ -173,12 +181,50 @@ def bench_moe():
                 row("moe_experts", f"{name} T={T} E={E} k={k} +2 shared", "gemv+shared",
                     lambda: fused_experts(x, w13, w2, w, ids, backend="gemv", shared=(s13, s2)), bs, f,
                     rel(out, sref))
-                row("moe_experts", f"{name} T={T} E={E} k={k} +2 shared", "gemv, shared apart",
-                    lambda: fused_experts(x, w13, w2, w, ids, backend="gemv")
-                    + torch.nn.functional.linear(silu_and_mul(torch.nn.functional.linear(x, s13)), s2), bs, f)
-            if T in (1, 256):
-                row("moe_experts", f"{name} T={T} E={E} k={k}", "torch-loop",
-                    lambda: fused_experts_ref(x, w13, w2, w, ids), b, f, graph=False)
+                row("moe_experts", f"{name} T={T} E={E} k={k} +2 shared", "gemv, shared add=",
+                    lambda: fused_experts(x, w13, w2, w, ids, backend="gemv",
+                                          add=torch.nn.functional.linear(silu_and_mul(x @ s13.t()), s2)), bs, f)
+                row("moe_experts", f"{name} T={T} E={E} k={k} +2 shared", "triton, shared add=",
+                    lambda: fused_experts(x, w13, w2, w, ids, backend="triton",
+                                          add=torch.nn.functional.linear(silu_and_mul(x @ s13.t()), s2)), bs, f)
+        del w13, w2
+
+
+def bench_moe_sweep():
+    """Round 3: launch configs of the fused-MoE GEMMs (T=64, 256) and of the gemv kernels (T=1, 8)."""
+    from fractal.kernels.moe_experts import _experts_gemv, fused_experts_ref
+    from fractal.kernels.moe_fused_gemm import DOWN_CONFIG, GATE_UP_CONFIG, fused_moe_mlp
+
+    gu = [GATE_UP_CONFIG, (64, 128, 4, 4), (128, 64, 4, 4), (32, 128, 4, 4), (64, 64, 4, 5), (128, 128, 8, 3),
+          (64, 256, 8, 3)]
+    dn = [DOWN_CONFIG, (128, 128, 4, 3), (64, 64, 4, 5), (128, 64, 8, 4), (32, 128, 4, 4), (64, 256, 8, 3)]
+    ggu = [(16, 256, 4), (8, 512, 4), (16, 512, 8), (32, 256, 8), (32, 128, 4), (8, 256, 2)]
+    gdn = [(32, 256, 4), (16, 512, 4), (64, 128, 4), (16, 256, 2), (64, 256, 8)]
+    for name, E, H, I, k in MOE_SHAPES:
+        w13 = (torch.randn(E, 2 * I, H, device="cuda") / H ** 0.5).to(BF16)
+        w2 = (torch.randn(E, H, I, device="cuda") / I ** 0.5).to(BF16)
+        for T in (64, 256):
+            x, ids, w, b, f = _moe_case(E, H, I, k, T)
+            base = fused_moe_mlp(x, w13, w2, ids)  # the default config (checked against the reference in [moe])
+            combos = [(c, DOWN_CONFIG, None) for c in gu] + [(GATE_UP_CONFIG, c, None) for c in dn[1:]]
+            combos += [(GATE_UP_CONFIG, DOWN_CONFIG, bm) for bm in (16, 32, 64)]
+            for cg, cd, bm in combos:
+                label = "gu" + "/".join(map(str, cg)) + " dn" + "/".join(map(str, cd)) + (f" bm{bm}" if bm else "")
+                fn = lambda: fused_moe_mlp(x, w13, w2, ids, block_m=bm, gate_up_config=cg, down_config=cd)  # noqa: E731
+                try:
+                    row("moe_sweep", f"{name} T={T}", label, fn, b, f, rel(fn(), base))
+                except Exception as e:
+                    print(f"  moe_sweep {label} FAILED {type(e).__name__}: {str(e)[:160]}", flush=True)
+        for T in (1,):
+            x, ids, w, b, f = _moe_case(E, H, I, k, T)
+            ref = fused_experts_ref(x, w13, w2, w, ids)
+            for cfgs in [(c, gdn[0]) for c in ggu] + [(ggu[0], c) for c in gdn[1:]]:
+                label = "gemv gu" + "/".join(map(str, cfgs[0])) + " dn" + "/".join(map(str, cfgs[1]))
+                fn = lambda: _experts_gemv(x, w13, w2, w, ids, configs=cfgs)  # noqa: E731
+                try:
+                    row("moe_sweep", f"{name} T={T}", label, fn, b, f, rel(fn(), ref))
+                except Exception as e:
+                    print(f"  moe_sweep {label} FAILED {type(e).__name__}: {str(e)[:160]}", flush=True)
         del w13, w2
 
 
@@ -377,6 +423,7 @@ def bench_sweep():
 
 
 SECTIONS["sweep"] = bench_sweep
+SECTIONS["moe_sweep"] = bench_moe_sweep
 
 
 def print_table():
@@ -401,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     measure_ceilings()
     only = [s for s in args.only.split(",") if s]
     for name, fn in SECTIONS.items():
-        if (only and name not in only) or (not only and name == "sweep"):  # sweeps only when asked for
+        if (only and name not in only) or (not only and name in ("sweep", "moe_sweep")):  # sweeps only when asked for
             continue
         print(f"[{name}]", flush=True)
         try:

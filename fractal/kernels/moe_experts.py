@@ -11,8 +11,9 @@ Layouts (nn.Linear convention, out x in):
 Fast backends (CUDA):
     "grouped_mm": sort the T*k (token, slot) pairs by expert, gather rows, torch._grouped_mm (CUTLASS) twice,
                   Triton SiLU-and-mul and a Triton combine that reads rows back through the inverse permutation.
-    "triton":     vLLM-style fused-MoE GEMM: rows padded per expert to BLOCK_M, each program one expert tile,
-                  gathering its rows itself (no permuted copy of hidden); good at small T.
+    "triton":     vLLM-style fused-MoE GEMM (moe_fused_gemm): rows padded per expert to BLOCK_M by a two-launch
+                  alignment, each program one expert tile gathering its rows itself (no permuted copy of hidden),
+                  SiLU-and-mul in the gate/up GEMM's epilogue; good from tens to thousands of pairs.
     "gemv":       a few pairs (decode of 1-8 sequences): one program per (pair, output tile) reading the
                   expert's rows directly; no sorting, three kernels in all.
 No host synchronisation in either path (graph-capturable). The reference loops over experts in plain torch.
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 
 from fractal.errors import FractalError
 from fractal.kernels._triton_support import HAS_TRITON, next_pow2, use_triton
+from fractal.kernels.moe_fused_gemm import fused_moe_mlp, moe_align_ref, moe_align_triton
 
 BACKENDS = ("grouped_mm", "triton", "gemv")
 
@@ -246,30 +248,15 @@ def _experts_grouped_mm(hidden, w13, w2, topk_weights, topk_ids, add=None):
 
 
 def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of the flat (token, slot) list grouped by expert and padded per expert to block_m, on the device.
+    """Rows of the flat (token, slot) list grouped by expert (stable order) and padded per expert to block_m.
 
-    Returns sorted_ids int32 [T*k + E*(block_m-1)] (padding = T*k) and block_expert int32 [len // block_m]
-    (expert of each block; num_experts for blocks past the end). No host sync.
+    Returns sorted_ids int32 [num_blocks * block_m] (padding = T*k) and block_expert int32 [num_blocks] (expert of
+    each block; num_experts for blocks past the end). Two Triton launches on the GPU (moe_fused_gemm), ~20 small
+    torch kernels otherwise (the reference). No host sync.
     """
-    flat = topk_ids.reshape(-1).to(torch.int32)
-    n = flat.numel()
-    dev = flat.device
-    sorted_ids, order = torch.sort(flat, stable=True)
-    experts = torch.arange(num_experts, device=dev, dtype=torch.int32)
-    ends = torch.searchsorted(sorted_ids, experts, right=True)
-    starts = torch.searchsorted(sorted_ids, experts, right=False)
-    padded = (ends - starts + block_m - 1) // block_m * block_m
-    pend = torch.cumsum(padded, 0)
-    pstart = pend - padded
-    e_of = sorted_ids.long()
-    dest = pstart[e_of] + (torch.arange(n, device=dev) - starts[e_of])
-    cap = n + num_experts * (block_m - 1)
-    cap = (cap + block_m - 1) // block_m * block_m
-    out_ids = torch.full((cap,), n, dtype=torch.int32, device=dev)
-    out_ids[dest] = order.to(torch.int32)
-    block_start = torch.arange(0, cap, block_m, device=dev)
-    block_expert = torch.searchsorted(pend, block_start, right=True).to(torch.int32)
-    return out_ids, block_expert
+    if use_triton(topk_ids):
+        return moe_align_triton(topk_ids, num_experts, block_m)
+    return moe_align_ref(topk_ids, num_experts, block_m)
 
 
 def _moe_gemm(a, w, sorted_ids, block_expert, num_valid, a_row_div, block_m):
@@ -289,18 +276,30 @@ def _moe_gemm(a, w, sorted_ids, block_expert, num_valid, a_row_div, block_m):
 
 
 def _experts_triton(hidden, w13, w2, topk_weights, topk_ids, add=None):
+    """Round 3: two-launch alignment, gate/up GEMM with SiLU-and-mul in its epilogue, down GEMM, combine."""
+    T, k = topk_ids.shape
+    y = fused_moe_mlp(hidden, w13, w2, topk_ids)
+    return _combine(y, None, topk_weights.float().contiguous(), T, k, hidden.dtype, add=add)
+
+
+def _experts_triton_r2(hidden, w13, w2, topk_weights, topk_ids, add=None):
+    """Round 2's padded GEMM (torch alignment, h = x @ w13^T in memory, a separate SiLU kernel): for A/B only."""
     T, k = topk_ids.shape
     E = w13.shape[0]
     n = T * k
     block_m = 16 if n <= 256 else (32 if n <= 2048 else 64)
-    sorted_ids, block_expert = moe_align(topk_ids, E, block_m)
+    sorted_ids, block_expert = moe_align_ref(topk_ids, E, block_m)
     h = _moe_gemm(hidden, w13, sorted_ids, block_expert, n, k, block_m)
     a = silu_and_mul(h)
     y = _moe_gemm(a, w2, sorted_ids, block_expert, n, 1, block_m)
     return _combine(y, None, topk_weights.float().contiguous(), T, k, hidden.dtype, add=add)
 
 
-def _experts_gemv(hidden, w13, w2, topk_weights, topk_ids, shared=None, add=None):
+GEMV_GATE_UP_CONFIG = (16, 256, 4)   # (BLOCK_N, BLOCK_K, num_warps)
+GEMV_DOWN_CONFIG = (32, 256, 4)
+
+
+def _experts_gemv(hidden, w13, w2, topk_weights, topk_ids, shared=None, add=None, configs=None):
     """Few (token, slot) pairs: one program per pair and output tile reads its expert's rows directly (no sort,
     no padding, no permuted copy); gate/up GEMV, SiLU-and-mul fused; then down GEMV and the weighted sum.
     shared = (ws13 [2*IS, H], ws2 [H, IS]) with IS a multiple of I: the shared expert runs in the same three
@@ -320,15 +319,16 @@ def _experts_gemv(hidden, w13, w2, topk_weights, topk_ids, shared=None, add=None
         if not (ws13.is_contiguous() and ws2.is_contiguous()):
             ws13, ws2 = ws13.contiguous(), ws2.contiguous()
     rows = n + T * ns
+    (gbn, gbk, gw), (dbn, dbk, dw) = configs or (GEMV_GATE_UP_CONFIG, GEMV_DOWN_CONFIG)
     a = torch.empty(rows, I, dtype=hidden.dtype, device=hidden.device)
-    _gemv_gate_up_kernel[(rows, triton.cdiv(I, 16))](
+    _gemv_gate_up_kernel[(rows, triton.cdiv(I, gbn))](
         hidden, w13, ws13, ids, a, H, I, IS, n, hidden.stride(0), w13.stride(0), w13.stride(1), a.stride(0),
-        TOPK=k, NS=max(ns, 1), BLOCK_N=16, BLOCK_K=256, num_warps=4,
+        TOPK=k, NS=max(ns, 1), BLOCK_N=gbn, BLOCK_K=gbk, num_warps=gw,
     )
     y = torch.empty(rows, H, dtype=hidden.dtype, device=hidden.device)
-    _gemv_down_kernel[(rows, triton.cdiv(H, 32))](
+    _gemv_down_kernel[(rows, triton.cdiv(H, dbn))](
         a, w2, ws2, ids, y, H, I, IS, n, a.stride(0), w2.stride(0), w2.stride(1), y.stride(0),
-        NS=max(ns, 1), BLOCK_N=32, BLOCK_K=256, num_warps=4,
+        NS=max(ns, 1), BLOCK_N=dbn, BLOCK_K=dbk, num_warps=dw,
     )
     return _combine(y, None, topk_weights.float().contiguous(), T, k, hidden.dtype, num_shared=ns, add=add)
 
@@ -394,4 +394,5 @@ def default_backend(num_pairs: int) -> str:
 
 
 GEMV_MAX_PAIRS = 64      # decode of a few sequences
-TRITON_MAX_PAIRS = 512   # padded-block Triton GEMM up to here, CUTLASS grouped GEMM beyond
+SHARED_IN_GEMV_MAX_TOKENS = 4  # shared experts inside the gemv launches up to here; cuBLAS + add= above (round 3)
+TRITON_MAX_PAIRS = 2048  # aligned-block Triton GEMM (round 3) up to here, CUTLASS grouped GEMM beyond

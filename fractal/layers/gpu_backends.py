@@ -45,6 +45,7 @@ try:
 except ImportError:  # pragma: no cover
     RoutingConfig = route = None
 try:
+    from fractal.kernels.moe_experts import SHARED_IN_GEMV_MAX_TOKENS
     from fractal.kernels.moe_experts import default_backend as default_moe_backend
     from fractal.kernels.moe_experts import fused_experts, shared_fits_gemv, silu_and_mul
 except ImportError:  # pragma: no cover
@@ -254,11 +255,12 @@ class TritonMoEBackend(MoEBackend):
         return fused_experts(x, w13, w2, topk_weights, topk_ids)
 
     def experts_and_shared(self, x, w13, w2, topk_weights, topk_ids, hidden_act, shared):
-        """Few pairs: the shared expert runs inside the gemv launches; otherwise its output is added by the
-        combine kernel (no separate add)."""
+        """Up to SHARED_IN_GEMV_MAX_TOKENS tokens the shared expert runs inside the gemv launches (one weight
+        read per token, fewer launches); above, cuBLAS reads its weights once and the combine kernel adds it."""
         if shared is None or fused_experts is None or hidden_act not in ("silu", "swish"):
             return super().experts_and_shared(x, w13, w2, topk_weights, topk_ids, hidden_act, shared)
-        if (default_moe_backend(topk_ids.numel()) == "gemv" and type(shared) in (GatedMLP, FastGatedMLP)
+        if (default_moe_backend(topk_ids.numel()) == "gemv" and x.shape[0] <= SHARED_IN_GEMV_MAX_TOKENS
+                and type(shared) in (GatedMLP, FastGatedMLP)
                 and shared.act is torch.nn.functional.silu and shared.down_proj.bias is None
                 and shared.gate_up_proj.bias is None
                 and shared_fits_gemv(w13, shared.gate_up_proj.weight, shared.down_proj.weight)):

@@ -107,3 +107,74 @@ def test_experts_add_gpu(backend):
     extra = torch.randn(40, 512, device="cuda").to(torch.bfloat16)
     out = fused_experts(*args, backend=backend, add=extra)
     assert _rel(out, fused_experts_ref(*args) + extra) < 1e-2
+
+
+# --- round 3: two-launch alignment + fused gate/up(SiLU) GEMM (moe_fused_gemm) -----------------------------
+from fractal.kernels._triton_support import INTERPRET  # noqa: E402
+from fractal.kernels.moe_fused_gemm import fused_moe_mlp, moe_align_ref, moe_align_triton, num_blocks  # noqa: E402
+
+_KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else ("cpu" if INTERPRET else None)
+kernels_here = pytest.mark.skipif(_KERNEL_DEVICE is None, reason="needs CUDA or TRITON_INTERPRET=1")
+
+
+def _skewed_ids(T, E, k, device):
+    """Distinct experts per token drawn from a skewed distribution: many experts get no pair at all."""
+    p = torch.rand(T, E, device=device) * torch.linspace(0.05, 1.0, E, device=device) ** 4
+    return p.topk(k, dim=-1).indices.to(torch.int32)
+
+
+def test_moe_align_ref_block_bound_and_padding():
+    """CPU: sorted_ids length is num_blocks * block_m, every pair once in its expert's blocks, padding = n."""
+    torch.manual_seed(2)
+    for T, E, k, bm in ((1, 64, 6, 16), (37, 16, 4, 16), (200, 64, 6, 32), (50, 8, 2, 64)):
+        ids = _skewed_ids(T, E, k, "cpu")
+        s, be = moe_align_ref(ids, E, bm)
+        n = ids.numel()
+        assert s.numel() == num_blocks(n, E, bm) * bm == be.numel() * bm
+        counts = torch.bincount(ids.reshape(-1).long(), minlength=E)
+        assert int(((counts + bm - 1) // bm).sum()) <= be.numel()
+        rows = s[s < n]
+        assert sorted(rows.tolist()) == list(range(n))
+        blk = torch.arange(s.numel()) // bm
+        assert (ids.reshape(-1)[rows.long()] == be[blk[s < n]]).all()
+
+
+@kernels_here
+@pytest.mark.parametrize("T,E,k,bm", [(1, 64, 6, 16), (5, 8, 2, 16), (64, 64, 6, 16), (256, 64, 6, 32),
+                                      (64, 128, 8, 16), (300, 128, 8, 32), (700, 64, 6, 64), (33, 256, 8, 16)])
+def test_moe_align_triton_matches_ref(T, E, k, bm):
+    """The two-launch alignment equals the torch reference exactly (stable order, padding, block experts)."""
+    torch.manual_seed(T * 7 + E)
+    ids = _skewed_ids(T, E, k, _KERNEL_DEVICE)
+    s, be = moe_align_triton(ids, E, bm)
+    s_ref, be_ref = moe_align_ref(ids, E, bm)
+    assert torch.equal(s.cpu(), s_ref.cpu()) and torch.equal(be.cpu(), be_ref.cpu())
+
+
+@kernels_here
+@pytest.mark.parametrize("T,E,H,I,k,skew", [(3, 8, 64, 32, 2, False), (40, 16, 128, 64, 4, True),
+                                            (20, 32, 96, 48, 6, False)])
+def test_fused_moe_mlp_matches_loop(T, E, H, I, k, skew):
+    """Unweighted per-pair expert outputs (gate/up + SiLU fused, down) against a float64 loop; odd N/K tails."""
+    torch.manual_seed(T + E)
+    dt = torch.bfloat16 if _KERNEL_DEVICE == "cuda" else torch.float32
+    hidden, w13, w2, weights, ids = _inputs(T, E, H, I, k, _KERNEL_DEVICE, dt, skew)
+    y = torch.full((T * k, H), float("nan"), dtype=dt, device=_KERNEL_DEVICE)
+    y = fused_moe_mlp(hidden, w13, w2, ids, gate_up_config=(32, 32, 4, 2), down_config=(32, 32, 4, 2))
+    want = torch.zeros(T * k, H, dtype=torch.float64)
+    for p in range(T * k):
+        e = int(ids.reshape(-1)[p])
+        h = w13[e].double().cpu() @ hidden[p // k].double().cpu()
+        want[p] = w2[e].double().cpu() @ (F.silu(h[:I]) * h[I:])
+    assert not y.isnan().any() and _rel(y.cpu(), want) < (1e-2 if dt == torch.bfloat16 else 1e-3)
+
+
+@kernels_here
+def test_triton_backend_matches_reference_with_add():
+    torch.manual_seed(5)
+    dt = torch.bfloat16 if _KERNEL_DEVICE == "cuda" else torch.float32
+    args = _inputs(24, 16, 64, 32, 4, _KERNEL_DEVICE, dt, skew=True)
+    extra = torch.randn(24, 64, device=_KERNEL_DEVICE).to(dt)
+    out = fused_experts(*args, backend="triton", add=extra)
+    ref = fused_experts_ref(*[a.cpu() for a in args]) + extra.cpu()
+    assert _rel(out.cpu(), ref) < (1e-2 if dt == torch.bfloat16 else 1e-3)

@@ -1,0 +1,240 @@
+"""Mid-size MoE (tens to thousands of (token, expert) pairs): block alignment in two launches, then two GEMMs.
+
+Layouts as in moe_experts (w13 [E, 2I, H] gate rows then up rows, w2 [E, H, I]; topk_ids [T, k] int32).
+Pipeline (four launches + the combine kernel of moe_experts; no host sync, graph-capturable):
+  1. _align_count_kernel  one program per chunk of C pairs: the chunk's per-expert counts -> chunk_counts[g, e],
+                          each pair's rank among the chunk's pairs of its expert -> rank[pair].
+  2. _align_scatter_kernel one program per chunk: totals and the chunk's prefix from chunk_counts, so
+                          sorted_ids[pstart[e] + prefix[g, e] + rank] = pair (the stable sort order, as
+                          torch.sort(stable=True) gives); also the padding slots (= n) and block_expert.
+  3. _gate_up_silu_kernel  per (block of BLOCK_M sorted rows of one expert, BLOCK_N columns of I): both the gate
+                          and the up tile over K = H, then silu(gate) * up in the epilogue -> a [n, I]
+                          (h = x @ w13^T never reaches memory; gate and up are rounded to the dtype first, as
+                          the two-kernel path rounds them).
+  4. _down_kernel         per (block, BLOCK_N columns of H): y[pair] = a[pair] @ w2[e]^T.
+Sorted rows are padded per expert to BLOCK_M; each weight tile is read once per block, and the blocks of one
+expert are adjacent in launch order (grid axis 0), so a second block of the same expert finds it in L2.
+"""
+from __future__ import annotations
+
+import torch
+
+from fractal.kernels._triton_support import HAS_TRITON, next_pow2
+
+if HAS_TRITON:
+    from fractal.kernels._triton_support import tl, triton
+
+    @triton.jit
+    def _align_count_kernel(ids_ptr, chunk_counts_ptr, rank_ptr, n, E, EP: tl.constexpr, C: tl.constexpr):
+        g = tl.program_id(0)
+        p = g * C + tl.arange(0, C)
+        e = tl.arange(0, EP)
+        ids = tl.load(ids_ptr + p, mask=p < n, other=-1)
+        onehot = (ids[:, None] == e[None, :]).to(tl.int32)                  # [C, EP]
+        csum = tl.cumsum(onehot, 0)                                         # inclusive count down the chunk
+        rank = tl.sum(onehot * (csum - 1), 1)
+        tl.store(rank_ptr + p, rank, mask=p < n)
+        tl.store(chunk_counts_ptr + g * EP + e, tl.sum(onehot, 0))
+
+    @triton.jit
+    def _align_scatter_kernel(ids_ptr, chunk_counts_ptr, rank_ptr, sorted_ptr, block_expert_ptr, n, E, G, total_len,
+                              EP: tl.constexpr, C: tl.constexpr, GC: tl.constexpr, P: tl.constexpr,
+                              BLOCK_M: tl.constexpr):
+        g = tl.program_id(0)
+        e = tl.arange(0, EP)
+        emask = e < E
+        counts = tl.zeros([EP], dtype=tl.int32)
+        before = tl.zeros([EP], dtype=tl.int32)
+        for g0 in range(0, G, GC):
+            gi = g0 + tl.arange(0, GC)
+            tile = tl.load(chunk_counts_ptr + gi[:, None] * EP + e[None, :], mask=(gi < G)[:, None], other=0)
+            counts += tl.sum(tile, 0)
+            before += tl.sum(tile * (gi < g).to(tl.int32)[:, None], 0)
+        padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+        pend = tl.cumsum(padded, 0)
+        pstart = pend - padded
+        # this chunk's pairs to their sorted slots
+        p = g * C + tl.arange(0, C)
+        pm = p < n
+        ids = tl.load(ids_ptr + p, mask=pm, other=-1)
+        onehot = (ids[:, None] == e[None, :]).to(tl.int32)
+        base = tl.sum(onehot * (pstart + before)[None, :], 1)
+        dest = base + tl.load(rank_ptr + p, mask=pm, other=0)
+        tl.store(sorted_ptr + dest, p, mask=pm)
+        # padding slots in this program's share of [0, total_len), and the expert of every block starting there
+        share = tl.cdiv(tl.cdiv(total_len, G), BLOCK_M) * BLOCK_M
+        for q0 in range(g * share, tl.minimum((g + 1) * share, total_len), P):
+            q = q0 + tl.arange(0, P)
+            qm = q < tl.minimum((g + 1) * share, total_len)
+            e_of = tl.sum(((pend[None, :] <= q[:, None]) & emask[None, :]).to(tl.int32), 1)   # E past the end
+            sel = (e[None, :] == e_of[:, None]).to(tl.int32)
+            start = tl.sum(sel * pstart[None, :], 1)
+            cnt = tl.sum(sel * counts[None, :], 1)
+            pad = (e_of >= E) | (q - start >= cnt)
+            tl.store(sorted_ptr + q, tl.zeros_like(q) + n, mask=qm & pad)
+            tl.store(block_expert_ptr + q // BLOCK_M, e_of, mask=qm & (q % BLOCK_M == 0))
+
+    @triton.jit
+    def _gate_up_silu_kernel(
+        x_ptr, w_ptr, out_ptr, sorted_ids_ptr, block_expert_ptr,
+        I, K, num_valid, a_row_div, stride_xm, stride_we, stride_wn, stride_om,
+        E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """out[row] = silu(x[row // a_row_div] . gate_e) * (x[row // a_row_div] . up_e) for one block's rows."""
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+        if e >= E:
+            return
+        rows = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+        rmask = rows < num_valid
+        x_rows = (rows // a_row_div).to(tl.int64)
+        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = n < I
+        kk = tl.arange(0, BLOCK_K)
+        x_ptrs = x_ptr + x_rows[:, None] * stride_xm + kk[None, :]
+        g_ptrs = w_ptr + e * stride_we + n.to(tl.int64)[None, :] * stride_wn + kk[:, None]
+        u_ptrs = g_ptrs + I * stride_wn
+        acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kmask = (k0 + kk) < K
+            a = tl.load(x_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
+            wg = tl.load(g_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
+            wu = tl.load(u_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
+            acc_g = tl.dot(a, wg, acc_g)
+            acc_u = tl.dot(a, wu, acc_u)
+            x_ptrs += BLOCK_K
+            g_ptrs += BLOCK_K
+            u_ptrs += BLOCK_K
+        dt = out_ptr.dtype.element_ty
+        gt = acc_g.to(dt).to(tl.float32)
+        ut = acc_u.to(dt).to(tl.float32)
+        act = (gt / (1.0 + tl.exp(-gt))).to(dt).to(tl.float32) * ut
+        o_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_om + n[None, :]
+        tl.store(o_ptrs, act.to(dt), mask=rmask[:, None] & nmask[None, :])
+
+    @triton.jit
+    def _down_kernel(
+        a_ptr, w_ptr, out_ptr, sorted_ids_ptr, block_expert_ptr,
+        N, K, num_valid, stride_am, stride_we, stride_wn, stride_om,
+        E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """out[row] = a[row] @ w[e]^T for the BLOCK_M padded rows of one expert block."""
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+        if e >= E:
+            return
+        rows = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+        rmask = rows < num_valid
+        r64 = rows.to(tl.int64)
+        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = n < N
+        kk = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + r64[:, None] * stride_am + kk[None, :]
+        w_ptrs = w_ptr + e * stride_we + n.to(tl.int64)[None, :] * stride_wn + kk[:, None]
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kmask = (k0 + kk) < K
+            a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
+            acc = tl.dot(a, w, acc)
+            a_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+        o_ptrs = out_ptr + r64[:, None] * stride_om + n[None, :]
+        tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & nmask[None, :])
+
+
+def num_blocks(num_pairs: int, num_experts: int, block_m: int) -> int:
+    """Upper bound on the BLOCK_M-row blocks after per-expert padding: sum_e ceil(c_e / m) <= n // m + min(n, E)."""
+    n = num_pairs
+    return min(-(-(n + num_experts * (block_m - 1)) // block_m), n // block_m + min(n, num_experts))
+
+
+def moe_align_ref(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain torch (many small kernels): the same output as moe_align_triton.
+
+    sorted_ids int32 [num_blocks * block_m]: the pairs of expert 0, padded with n = T*k to a multiple of block_m,
+    then expert 1's, ...; block_expert int32 [num_blocks]: the expert of each block (num_experts past the end).
+    """
+    flat = topk_ids.reshape(-1).to(torch.int32)
+    n = flat.numel()
+    dev = flat.device
+    sorted_ids, order = torch.sort(flat, stable=True)
+    experts = torch.arange(num_experts, device=dev, dtype=torch.int32)
+    ends = torch.searchsorted(sorted_ids, experts, right=True)
+    starts = torch.searchsorted(sorted_ids, experts, right=False)
+    padded = (ends - starts + block_m - 1) // block_m * block_m
+    pend = torch.cumsum(padded, 0)
+    pstart = pend - padded
+    e_of = sorted_ids.long()
+    dest = pstart[e_of] + (torch.arange(n, device=dev) - starts[e_of])
+    nb = num_blocks(n, num_experts, block_m)
+    out_ids = torch.full((nb * block_m,), n, dtype=torch.int32, device=dev)
+    out_ids[dest] = order.to(torch.int32)
+    block_start = torch.arange(0, nb * block_m, block_m, device=dev)
+    block_expert = torch.searchsorted(pend, block_start, right=True).to(torch.int32)
+    return out_ids, block_expert
+
+
+def moe_align_triton(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """moe_align_ref in two launches (chunked counts + ranks, then scatter + padding + block experts)."""
+    ids = topk_ids.reshape(-1)
+    if ids.dtype != torch.int32:
+        ids = ids.to(torch.int32)
+    ids = ids.contiguous()
+    n = ids.numel()
+    dev = ids.device
+    EP = max(16, next_pow2(num_experts))
+    C = max(16, min(128, 8192 // EP))          # a [C, EP] one-hot tile per program
+    G = max(1, -(-n // C))
+    nb = num_blocks(n, num_experts, block_m)
+    total_len = nb * block_m
+    sorted_ids = torch.empty(total_len, dtype=torch.int32, device=dev)
+    block_expert = torch.empty(nb, dtype=torch.int32, device=dev)
+    chunk_counts = torch.empty(G, EP, dtype=torch.int32, device=dev)
+    rank = torch.empty(max(n, 1), dtype=torch.int32, device=dev)
+    _align_count_kernel[(G,)](ids, chunk_counts, rank, n, num_experts, EP=EP, C=C, num_warps=4)
+    _align_scatter_kernel[(G,)](ids, chunk_counts, rank, sorted_ids, block_expert, n, num_experts, G, total_len,
+                                EP=EP, C=C, GC=max(1, min(64, 4096 // EP)), P=max(16, min(128, 8192 // EP)),
+                                BLOCK_M=block_m, num_warps=4)
+    return sorted_ids, block_expert
+
+
+# Launch configs: (BLOCK_N, BLOCK_K, num_warps, num_stages); picked from the round-3 sweep (docs/perf-notes.md).
+GATE_UP_CONFIG = (64, 128, 4, 3)
+DOWN_CONFIG = (64, 128, 4, 4)
+
+
+def block_m_for(num_pairs: int, num_experts: int) -> int:
+    """Rows per block: about the mean rows per expert, 16..64 (tl.dot needs >= 16)."""
+    mean = num_pairs / max(1, num_experts)
+    return 16 if mean <= 16 else (32 if mean <= 48 else 64)
+
+
+def fused_moe_mlp(hidden, w13, w2, topk_ids, block_m=None, gate_up_config=None, down_config=None):
+    """y [T*k, H]: row t*k + j = expert_{ids[t, j]}(hidden[t]) (unweighted), through the aligned-block GEMMs."""
+    T, k = topk_ids.shape
+    E, two_i, H = w13.shape
+    I = two_i // 2
+    n = T * k
+    if block_m is None:
+        block_m = block_m_for(n, E)
+    sorted_ids, block_expert = moe_align_triton(topk_ids, E, block_m)
+    nb = block_expert.numel()
+    bn, bk, warps, stages = gate_up_config or GATE_UP_CONFIG
+    a = torch.empty(n, I, dtype=hidden.dtype, device=hidden.device)
+    _gate_up_silu_kernel[(nb, triton.cdiv(I, bn))](
+        hidden, w13, a, sorted_ids, block_expert, I, H, n, k,
+        hidden.stride(0), w13.stride(0), w13.stride(1), a.stride(0),
+        E=E, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+    )
+    bn, bk, warps, stages = down_config or DOWN_CONFIG
+    y = torch.empty(n, H, dtype=hidden.dtype, device=hidden.device)
+    _down_kernel[(nb, triton.cdiv(H, bn))](
+        a, w2, y, sorted_ids, block_expert, H, I, n,
+        a.stride(0), w2.stride(0), w2.stride(1), y.stride(0),
+        E=E, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+    )
+    return y
