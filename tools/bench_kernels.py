@@ -229,6 +229,43 @@ def bench_moe_sweep():
 
 
 # ---------------------------------------------------------------- attention
+def bench_moe_large():
+    """Round 4: prefill-sized T (2048, 8192): grouped_mm vs the fused Triton GEMM (its default config for the size,
+    round 3's 64-row config, and a few compute-bound configs). Sweep rows' err is against grouped_mm's output."""
+    from fractal.kernels.moe_experts import fused_experts, fused_experts_ref
+    from fractal.kernels.moe_fused_gemm import DOWN_CONFIG, GATE_UP_CONFIG, fused_moe_mlp
+
+    sweep = [  # (block_m, gate/up (BLOCK_N, BLOCK_K, warps, stages), down config, group_m)
+        (64, GATE_UP_CONFIG, DOWN_CONFIG, 0),                  # round 3 at T=2048 (1134 us)
+        (128, (64, 64, 8, 4), (128, 64, 8, 4), 0),             # large default, no swizzle
+        (128, (64, 64, 8, 3), (128, 64, 8, 3), 8),
+        (128, (128, 64, 8, 3), (256, 64, 8, 3), 8),
+        (64, (128, 64, 8, 3), (128, 64, 4, 4), 8),
+        (128, (64, 64, 4, 4), (128, 64, 4, 4), 8),
+    ]
+    for name, E, H, I, k in MOE_SHAPES:
+        w13 = (torch.randn(E, 2 * I, H, device="cuda") / H ** 0.5).to(BF16)
+        w2 = (torch.randn(E, H, I, device="cuda") / I ** 0.5).to(BF16)
+        for T in (2048, 8192):
+            x, ids, w, b, f = _moe_case(E, H, I, k, T)
+            ref = fused_experts_ref(x, w13, w2, w, ids)
+            shape = f"{name} T={T} E={E} k={k}"
+            for backend in ("grouped_mm", "triton"):
+                fn = lambda backend=backend: fused_experts(x, w13, w2, w, ids, backend=backend)  # noqa: E731
+                row("moe_experts", shape, backend, fn, b, f, rel(fn(), ref))
+            base = fused_experts(x, w13, w2, torch.ones_like(w), ids, backend="grouped_mm")
+            for bm, cg, cd, gm in sweep:
+                label = f"bm{bm} gu" + "/".join(map(str, cg)) + " dn" + "/".join(map(str, cd)) + f" g{gm}"
+                fn = lambda: fused_moe_mlp(x, w13, w2, ids, block_m=bm, gate_up_config=cg, down_config=cd,  # noqa: E731
+                                           group_m=gm)
+                try:
+                    err = rel(fn().view(T, k, H).float().sum(1), base.float())
+                    row("moe_large", shape, label, fn, b, f, err)
+                except Exception as e:
+                    print(f"  moe_large {label} FAILED {type(e).__name__}: {str(e)[:160]}", flush=True)
+        del w13, w2
+
+
 def _paged(seq_lens, page, shape_tail, device="cuda"):
     need = [math.ceil(n / page) for n in seq_lens]
     nb = sum(need) + 1
@@ -424,6 +461,7 @@ def bench_sweep():
 
 SECTIONS["sweep"] = bench_sweep
 SECTIONS["moe_sweep"] = bench_moe_sweep
+SECTIONS["moe_large"] = bench_moe_large
 
 
 def print_table():
@@ -448,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
     measure_ceilings()
     only = [s for s in args.only.split(",") if s]
     for name, fn in SECTIONS.items():
-        if (only and name not in only) or (not only and name in ("sweep", "moe_sweep")):  # sweeps only when asked for
+        if (only and name not in only) or (not only and name in ("sweep", "moe_sweep", "moe_large")):  # sweeps only when asked for
             continue
         print(f"[{name}]", flush=True)
         try:

@@ -390,9 +390,17 @@ def default_backend(num_pairs: int) -> str:
     """Backend for T*k (token, expert) pairs: the measured winner at each size (see docs/perf-notes.md)."""
     if num_pairs <= GEMV_MAX_PAIRS:
         return "gemv"
-    return "triton" if num_pairs <= TRITON_MAX_PAIRS else "grouped_mm"
+    if num_pairs <= TRITON_MAX_PAIRS:
+        return "triton"
+    if TRITON_LARGE_MIN_PAIRS is not None and num_pairs >= TRITON_LARGE_MIN_PAIRS:
+        return "triton"
+    return "grouped_mm"
 
 
 GEMV_MAX_PAIRS = 64      # decode of a few sequences
 SHARED_IN_GEMV_MAX_TOKENS = 4  # shared experts inside the gemv launches up to here; cuBLAS + add= above (round 3)
 TRITON_MAX_PAIRS = 2048  # aligned-block Triton GEMM (round 3) up to here, CUTLASS grouped GEMM beyond
+# Round 4: the Triton GEMM again from here on, with its large-T config (moe_fused_gemm.launch_configs); None = off.
+# Off: R4-1 measured it ahead only at 12-16k pairs (qwen3moe T=2048 -22 %, dsv2lite T=2048 ~tie), behind at
+# 49-65k pairs (T=8192), and the engine rows slower with it on from 4096 pairs (docs/perf-notes.md, Round 4).
+TRITON_LARGE_MIN_PAIRS: int | None = None

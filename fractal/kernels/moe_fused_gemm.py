@@ -13,7 +13,10 @@ Pipeline (four launches + the combine kernel of moe_experts; no host sync, graph
                           the two-kernel path rounds them).
   4. _down_kernel         per (block, BLOCK_N columns of H): y[pair] = a[pair] @ w2[e]^T.
 Sorted rows are padded per expert to BLOCK_M; each weight tile is read once per block, and the blocks of one
-expert are adjacent in launch order (grid axis 0), so a second block of the same expert finds it in L2.
+expert are adjacent in launch order, so a second block of the same expert finds it in L2. Both GEMMs run on a
+1-D grid mapped by _tile_of: round 3's order (all blocks of column tile 0, then tile 1) for the small configs,
+a GROUP_M swizzle (runs of GROUP_M blocks over all column tiles) for the round-4 large-T config
+(launch_configs picks by mean pairs per expert).
 """
 from __future__ import annotations
 
@@ -75,14 +78,26 @@ if HAS_TRITON:
             tl.store(block_expert_ptr + q // BLOCK_M, e_of, mask=qm & (q % BLOCK_M == 0))
 
     @triton.jit
+    def _tile_of(num_pid_m, num_pid_n, group_m):
+        """1-D program id -> (block, column tile): runs of group_m blocks sweep all column tiles before the next
+        run (GROUP_M swizzle: the rows of group_m blocks and their experts' weight tiles stay in L2);
+        group_m >= num_pid_m gives round 3's order (all blocks for column tile 0, then tile 1, ...)."""
+        pid = tl.program_id(0)
+        per_group = group_m * num_pid_n
+        first_m = (pid // per_group) * group_m
+        size_m = tl.minimum(num_pid_m - first_m, group_m)
+        pid_m = first_m + (pid % per_group) % size_m
+        pid_n = (pid % per_group) // size_m
+        return pid_m, pid_n
+
+    @triton.jit
     def _gate_up_silu_kernel(
         x_ptr, w_ptr, out_ptr, sorted_ids_ptr, block_expert_ptr,
-        I, K, num_valid, a_row_div, stride_xm, stride_we, stride_wn, stride_om,
+        I, K, num_valid, a_row_div, stride_xm, stride_we, stride_wn, stride_om, num_pid_m, num_pid_n, group_m,
         E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         """out[row] = silu(x[row // a_row_div] . gate_e) * (x[row // a_row_div] . up_e) for one block's rows."""
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
+        pid_m, pid_n = _tile_of(num_pid_m, num_pid_n, group_m)
         e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
         if e >= E:
             return
@@ -117,12 +132,11 @@ if HAS_TRITON:
     @triton.jit
     def _down_kernel(
         a_ptr, w_ptr, out_ptr, sorted_ids_ptr, block_expert_ptr,
-        N, K, num_valid, stride_am, stride_we, stride_wn, stride_om,
+        N, K, num_valid, stride_am, stride_we, stride_wn, stride_om, num_pid_m, num_pid_n, group_m,
         E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         """out[row] = a[row] @ w[e]^T for the BLOCK_M padded rows of one expert block."""
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
+        pid_m, pid_n = _tile_of(num_pid_m, num_pid_n, group_m)
         e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
         if e >= E:
             return
@@ -205,36 +219,67 @@ def moe_align_triton(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> 
 # Launch configs: (BLOCK_N, BLOCK_K, num_warps, num_stages); picked from the round-3 sweep (docs/perf-notes.md).
 GATE_UP_CONFIG = (64, 128, 4, 3)
 DOWN_CONFIG = (64, 128, 4, 4)
+# Round 4, compute-bound sizes (many rows per expert): 128-row blocks, 8 warps, 3 stages, GROUP_M swizzle (picked
+# from device run R4-1, docs/perf-notes.md). The gate/up kernel holds two accumulators, so its BLOCK_N=64 is a
+# 128 x 128 output tile of [gate | up]. From XL_MIN_ROWS_PER_EXPERT on, the wider XL tiles measured faster.
+LARGE_MIN_ROWS_PER_EXPERT = 96     # mean pairs per expert from which the large config is used
+LARGE_BLOCK_M = 128
+LARGE_GATE_UP_CONFIG = (64, 64, 8, 3)
+LARGE_DOWN_CONFIG = (128, 64, 8, 3)
+XL_MIN_ROWS_PER_EXPERT = 384
+XL_GATE_UP_CONFIG = (128, 64, 8, 3)
+XL_DOWN_CONFIG = (256, 64, 8, 3)
+LARGE_GROUP_M = 8
 
 
 def block_m_for(num_pairs: int, num_experts: int) -> int:
-    """Rows per block: about the mean rows per expert, 16..64 (tl.dot needs >= 16)."""
+    """Rows per block: about the mean rows per expert, 16..64 (tl.dot needs >= 16); LARGE_BLOCK_M from
+    LARGE_MIN_ROWS_PER_EXPERT on."""
     mean = num_pairs / max(1, num_experts)
+    if mean >= LARGE_MIN_ROWS_PER_EXPERT:
+        return LARGE_BLOCK_M
     return 16 if mean <= 16 else (32 if mean <= 48 else 64)
 
 
-def fused_moe_mlp(hidden, w13, w2, topk_ids, block_m=None, gate_up_config=None, down_config=None):
-    """y [T*k, H]: row t*k + j = expert_{ids[t, j]}(hidden[t]) (unweighted), through the aligned-block GEMMs."""
+def launch_configs(num_pairs: int, num_experts: int) -> tuple[int, tuple, tuple, int]:
+    """(block_m, gate/up config, down config, group_m) for num_pairs pairs over num_experts experts.
+    group_m 0 = no swizzle (round 3's launch order)."""
+    bm = block_m_for(num_pairs, num_experts)
+    mean = num_pairs / max(1, num_experts)
+    if mean >= XL_MIN_ROWS_PER_EXPERT:
+        return bm, XL_GATE_UP_CONFIG, XL_DOWN_CONFIG, LARGE_GROUP_M
+    if mean >= LARGE_MIN_ROWS_PER_EXPERT:
+        return bm, LARGE_GATE_UP_CONFIG, LARGE_DOWN_CONFIG, LARGE_GROUP_M
+    return bm, GATE_UP_CONFIG, DOWN_CONFIG, 0
+
+
+def fused_moe_mlp(hidden, w13, w2, topk_ids, block_m=None, gate_up_config=None, down_config=None, group_m=None):
+    """y [T*k, H]: row t*k + j = expert_{ids[t, j]}(hidden[t]) (unweighted), through the aligned-block GEMMs.
+    Arguments left None come from launch_configs(T*k, E); group_m 0 = no swizzle."""
     T, k = topk_ids.shape
     E, two_i, H = w13.shape
     I = two_i // 2
     n = T * k
-    if block_m is None:
-        block_m = block_m_for(n, E)
+    d_bm, d_gu, d_dn, d_gm = launch_configs(n, E)
+    block_m = block_m or d_bm
+    group_m = d_gm if group_m is None else group_m
     sorted_ids, block_expert = moe_align_triton(topk_ids, E, block_m)
     nb = block_expert.numel()
-    bn, bk, warps, stages = gate_up_config or GATE_UP_CONFIG
+    gm = group_m if group_m > 0 else max(1, nb)
+    bn, bk, warps, stages = gate_up_config or d_gu
     a = torch.empty(n, I, dtype=hidden.dtype, device=hidden.device)
-    _gate_up_silu_kernel[(nb, triton.cdiv(I, bn))](
+    nn = triton.cdiv(I, bn)
+    _gate_up_silu_kernel[(nb * nn,)](
         hidden, w13, a, sorted_ids, block_expert, I, H, n, k,
-        hidden.stride(0), w13.stride(0), w13.stride(1), a.stride(0),
+        hidden.stride(0), w13.stride(0), w13.stride(1), a.stride(0), nb, nn, gm,
         E=E, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
     )
-    bn, bk, warps, stages = down_config or DOWN_CONFIG
+    bn, bk, warps, stages = down_config or d_dn
     y = torch.empty(n, H, dtype=hidden.dtype, device=hidden.device)
-    _down_kernel[(nb, triton.cdiv(H, bn))](
+    nn = triton.cdiv(H, bn)
+    _down_kernel[(nb * nn,)](
         a, w2, y, sorted_ids, block_expert, H, I, n,
-        a.stride(0), w2.stride(0), w2.stride(1), y.stride(0),
+        a.stride(0), w2.stride(0), w2.stride(1), y.stride(0), nb, nn, gm,
         E=E, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
     )
     return y

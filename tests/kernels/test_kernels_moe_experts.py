@@ -178,3 +178,55 @@ def test_triton_backend_matches_reference_with_add():
     out = fused_experts(*args, backend="triton", add=extra)
     ref = fused_experts_ref(*[a.cpu() for a in args]) + extra.cpu()
     assert _rel(out.cpu(), ref) < (1e-2 if dt == torch.bfloat16 else 1e-3)
+
+
+# --- round 4: large-T config (128-row blocks, 8 warps, GROUP_M swizzle) -----------------------------------
+from fractal.kernels import moe_experts as _moe_experts  # noqa: E402
+from fractal.kernels.moe_fused_gemm import LARGE_BLOCK_M, launch_configs  # noqa: E402
+
+
+def _pair_outputs_ref(hidden, w13, w2, ids):
+    k = ids.shape[1]
+    I = w2.shape[2]
+    want = torch.zeros(ids.numel(), w2.shape[1], dtype=torch.float64)
+    for p in range(ids.numel()):
+        e = int(ids.reshape(-1)[p])
+        h = w13[e].double().cpu() @ hidden[p // k].double().cpu()
+        want[p] = w2[e].double().cpu() @ (F.silu(h[:I]) * h[I:])
+    return want
+
+
+@kernels_here
+@pytest.mark.parametrize("bm,gu,dn,gm", [(128, (64, 64, 8, 3), (128, 64, 8, 3), 8),
+                                         (128, (128, 64, 8, 3), (256, 64, 8, 3), 8),
+                                         (64, (128, 64, 8, 3), (128, 64, 4, 4), 8),
+                                         (16, (32, 32, 4, 2), (32, 32, 4, 2), 3),   # partial last group
+                                         (16, (32, 32, 4, 2), (32, 32, 4, 2), 1)])
+def test_fused_moe_mlp_large_configs_and_swizzle(bm, gu, dn, gm):
+    """Large blocks and the GROUP_M tile order give every pair its expert's output (float64 loop reference)."""
+    torch.manual_seed(bm + gm)
+    dt = torch.bfloat16 if _KERNEL_DEVICE == "cuda" else torch.float32
+    hidden, w13, w2, weights, ids = _inputs(40, 4, 96, 80, 2, _KERNEL_DEVICE, dt)
+    y = fused_moe_mlp(hidden, w13, w2, ids, block_m=bm, gate_up_config=gu, down_config=dn, group_m=gm)
+    assert _rel(y.cpu(), _pair_outputs_ref(hidden, w13, w2, ids)) < (1e-2 if dt == torch.bfloat16 else 1e-3)
+
+
+def test_launch_configs_pick_large_blocks_by_rows_per_expert():
+    assert launch_configs(64 * 6 * 256, 64)[0] == LARGE_BLOCK_M and launch_configs(64 * 6 * 256, 64)[3] > 0
+    assert launch_configs(1536, 64)[0] == 32 and launch_configs(1536, 64)[3] == 0
+    assert launch_configs(64 * 6 * 32, 64)[1] != launch_configs(64 * 6 * 128, 64)[1]   # 192 vs 768 rows/expert
+
+
+@kernels_here
+def test_triton_backend_large_default_config(monkeypatch):
+    """fused_experts picks the triton backend past grouped_mm's range when TRITON_LARGE_MIN_PAIRS says so, and
+    its large config (mean 100 pairs per expert -> 128-row blocks) matches the reference."""
+    monkeypatch.setattr(_moe_experts, "TRITON_LARGE_MIN_PAIRS", 400)
+    monkeypatch.setattr(_moe_experts, "TRITON_MAX_PAIRS", 100)
+    assert _moe_experts.default_backend(400) == "triton" and _moe_experts.default_backend(399) == "grouped_mm"
+    torch.manual_seed(9)
+    dt = torch.bfloat16 if _KERNEL_DEVICE == "cuda" else torch.float32
+    args = _inputs(100, 4, 64, 48, 4, _KERNEL_DEVICE, dt)
+    assert launch_configs(400, 4)[0] == LARGE_BLOCK_M
+    out = fused_experts(*args, backend="triton")
+    assert _rel(out.cpu(), fused_experts_ref(*[a.cpu() for a in args])) < (1e-2 if dt == torch.bfloat16 else 1e-3)
