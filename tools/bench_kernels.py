@@ -266,6 +266,23 @@ def bench_moe_large():
         del w13, w2
 
 
+def bench_moe_mid():
+    """Round 5: decode of 256-512 sequences (1.5k-9k pairs): the Triton path (its config for the size) vs
+    grouped_mm, to place TRITON_MAX_PAIRS."""
+    from fractal.kernels.moe_experts import fused_experts, fused_experts_ref
+
+    for name, E, H, I, k in MOE_SHAPES:
+        w13 = (torch.randn(E, 2 * I, H, device="cuda") / H ** 0.5).to(BF16)
+        w2 = (torch.randn(E, H, I, device="cuda") / I ** 0.5).to(BF16)
+        for T in (256, 384, 512, 768, 1024, 1536):
+            x, ids, w, b, f = _moe_case(E, H, I, k, T)
+            ref = fused_experts_ref(x, w13, w2, w, ids)
+            for backend in ("triton", "grouped_mm"):
+                fn = lambda backend=backend: fused_experts(x, w13, w2, w, ids, backend=backend)  # noqa: E731
+                row("moe_experts", f"{name} T={T} E={E} k={k}", backend, fn, b, f, rel(fn(), ref))
+        del w13, w2
+
+
 def _paged(seq_lens, page, shape_tail, device="cuda"):
     need = [math.ceil(n / page) for n in seq_lens]
     nb = sum(need) + 1
@@ -462,6 +479,7 @@ def bench_sweep():
 SECTIONS["sweep"] = bench_sweep
 SECTIONS["moe_sweep"] = bench_moe_sweep
 SECTIONS["moe_large"] = bench_moe_large
+SECTIONS["moe_mid"] = bench_moe_mid
 
 
 def print_table():
@@ -486,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
     measure_ceilings()
     only = [s for s in args.only.split(",") if s]
     for name, fn in SECTIONS.items():
-        if (only and name not in only) or (not only and name in ("sweep", "moe_sweep", "moe_large")):  # sweeps only when asked for
+        if (only and name not in only) or (not only and name in ("sweep", "moe_sweep", "moe_large", "moe_mid")):  # sweeps only when asked for
             continue
         print(f"[{name}]", flush=True)
         try:

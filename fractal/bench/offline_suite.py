@@ -204,6 +204,7 @@ def run_suite(model: str, *, gpu: str = "h100", rows=None, engine_kwargs: dict |
 
     from fractal import LLM
     from fractal.bench.offline import resolve_model_dir
+    from fractal.kernels._triton_support import compiled_variants
 
     wanted = list(rows or DEFAULT_ROWS)
     unknown = [r for r in wanted if r not in ROWS and r not in PLAIN_ROWS]
@@ -228,7 +229,8 @@ def run_suite(model: str, *, gpu: str = "h100", rows=None, engine_kwargs: dict |
     results.append(dict(name="startup", time_s=startup, floor_s=None, ratio=None, bound=None, mbu=None, mfu=None,
                         tokens_per_s=None, unit="s", floor_tokens_per_s=None, peer=peer.get("startup"),
                         note=f"graphs {len(graphs.graphs) if graphs else 0}, capture "
-                             f"{graphs.capture_time_s if graphs else 0:.1f}s"))
+                             f"{graphs.capture_time_s if graphs else 0:.1f}s, warm-up "
+                             f"{getattr(llm.engine, 'warm_up_s', 0.0):.1f}s"))
     vocab = runner.model.config.vocab_size
     rng = random.Random(0)
 
@@ -241,13 +243,16 @@ def run_suite(model: str, *, gpu: str = "h100", rows=None, engine_kwargs: dict |
         if name not in wanted:
             return
         t_r = time.perf_counter()
+        jit0 = compiled_variants()
         try:
             row = fn()
         except Exception as exc:  # one failing row must not hide the others
             row = dict(name=name, error=f"{type(exc).__name__}: {exc}"[:300])
+        compiled = compiled_variants() - jit0
+        if compiled and "error" not in row:  # Triton compiled new kernel variants inside this row's timing
+            row["note"] = f"{row.get('note', '')}, jit +{compiled}".lstrip(", ")
         results.append(row)
         log(f"[{model}] {name}: {json.dumps(row, default=str)} ({time.perf_counter() - t_r:.1f} s)")
-        torch.cuda.empty_cache()
 
     for n in GEN_SIZES:
         def gen(n=n):

@@ -83,6 +83,7 @@ class LLMEngine:
             )
         )
         self.runner.allocate_kv_cache(num_blocks, self.max_model_len)
+        self.warm_up_s = self.runner.warm_up(config.max_num_batched_tokens, self.max_model_len)
         self.runner.capture_cuda_graphs()
         self.async_scheduling = (
             config.async_scheduling if config.async_scheduling is not None else self.runner.device.type == "cuda"

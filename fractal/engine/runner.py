@@ -223,6 +223,55 @@ class ModelRunner:
         self.graphs.capture()
         return time.perf_counter() - t0
 
+    def warm_up(self, max_num_batched_tokens: int, max_model_len: int, force: bool = False) -> float:
+        """Run a full-budget prefill step and a mixed decode+prefill step on throw-away sequences (CUDA only);
+        returns seconds. The first real steps then find the caching allocator grown, cuBLAS/CUTLASS plans made
+        and the eager Triton kernels compiled (the first 8k-token step of a cold engine took 2x its warm time,
+        docs/perf-notes.md round 5). The KV it writes lands in free blocks and is never read by a request."""
+        if not (self.is_cuda or force) or self.num_blocks == 0:
+            return 0.0
+        from fractal.engine.scheduler_output import ScheduledChunk
+        from fractal.sampling_params import SamplingParams
+
+        t0 = time.perf_counter()
+        bs = self.block_size
+        params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+        vocab = self.model.config.vocab_size
+        seq_len = max(1, min(512, max_model_len - 1))
+        steps = [(0, max_num_batched_tokens), (min(32, self.config.max_num_seqs), max_num_batched_tokens - 32)]
+        for n_decode, prefill_tokens in steps:
+            seqs: dict[int, Sequence] = {}
+            chunks: list[ScheduledChunk] = []
+            next_block = 0
+
+            def add(token_ids, start, sample=True):
+                nonlocal next_block
+                need = -(-(start + len(token_ids)) // bs)
+                sid = -1 - len(seqs)  # negative ids: never a request's
+                seqs[sid] = Sequence(seq_id=sid, request_id="warm-up", index=0, order=sid,
+                                     token_ids=[1] * start + list(token_ids), num_prompt_tokens=start + len(token_ids),
+                                     params=params)
+                chunks.append(ScheduledChunk(seq_id=sid, token_ids=list(token_ids), start_pos=start,
+                                             block_table=list(range(next_block, next_block + need)), sample=sample))
+                next_block += need
+
+            for i in range(n_decode):
+                add([(7 * i + 3) % vocab], seq_len)
+            left = max(0, prefill_tokens)
+            i = 0
+            while left > 0:
+                n = min(seq_len, left)
+                add([(11 * i + k) % vocab for k in range(n)], 0)
+                left -= n
+                i += 1
+            if next_block > self.num_blocks:
+                break  # a pool this small serves short batches only; nothing to warm at this size
+            self.execute(SchedulerOutput(chunks=chunks), seqs, frozenset())
+        self._prev_sampled, self._prev_rows = None, {}  # no request sampled in these steps
+        if self.is_cuda:
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - t0
+
     # --- helpers ---------------------------------------------------------------------------------------
     def _generator(self, seq: Sequence) -> torch.Generator | None:
         if seq.params.seed is None:

@@ -35,3 +35,29 @@ def use_triton(*tensors: torch.Tensor) -> bool:
 def next_pow2(n: int) -> int:
     """Smallest power of two >= n (>= 1)."""
     return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def compiled_variants() -> int:
+    """How many Triton binaries fractal's kernels hold now (0 without Triton): a rise between two points of a
+    run means a kernel was compiled there (a new specialisation), which costs 0.1-1 s of host time."""
+    return sum(compiled_variants_by_kernel().values())
+
+
+def compiled_variants_by_kernel() -> dict[str, int]:
+    """compiled_variants per kernel name ("module.function")."""
+    if not HAS_TRITON:
+        return {}
+    import sys
+
+    counts: dict[str, int] = {}
+    for name, module in list(sys.modules.items()):
+        if not name.startswith("fractal.kernels.") or module is None:
+            continue
+        for obj in vars(module).values():
+            caches = getattr(obj, "device_caches", None)
+            if isinstance(obj, triton.runtime.JITFunction) and caches:
+                key = f"{name.rsplit('.', 1)[-1]}.{getattr(obj, '__name__', '?')}"
+                for entry in caches.values():
+                    cache = entry[0] if isinstance(entry, tuple) else entry
+                    counts[key] = counts.get(key, 0) + (len(cache) if hasattr(cache, "__len__") else 0)
+    return counts

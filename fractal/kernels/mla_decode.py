@@ -23,7 +23,8 @@ DEFAULT_CONFIG = dict(BLOCK_N=32, num_warps=4, num_stages=2, min_chunk=64, max_s
 if HAS_TRITON:
     from fractal.kernels._triton_support import tl, triton
 
-    @triton.jit
+    # sizes that change every step are not specialised on (no recompile per value class)
+    @triton.jit(do_not_specialize=["stride_bt", "chunk", "stride_ob", "stride_oh", "stride_lb", "stride_lh"])
     def _mla_decode_kernel(
         ql_ptr, qr_ptr, c_ptr, bt_ptr, sl_ptr, out_ptr, lse_ptr,
         stride_qlb, stride_qlh, stride_qrb, stride_qrh, stride_cblk, stride_ctok, stride_bt,

@@ -72,7 +72,8 @@ if HAS_TRITON:
             acc = acc.to(dt).to(tl.float32) + tl.load(add_ptr + t * stride_a + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + t * stride_o + cols, acc.to(dt), mask=mask)
 
-    @triton.jit
+    # sizes that change every step are not specialised on (no recompile per value class)
+    @triton.jit(do_not_specialize=["num_valid"])
     def _moe_gemm_kernel(
         a_ptr, b_ptr, c_ptr, sorted_ids_ptr, block_expert_ptr,
         N, K, num_valid, a_row_div,
@@ -399,7 +400,11 @@ def default_backend(num_pairs: int) -> str:
 
 GEMV_MAX_PAIRS = 64      # decode of a few sequences
 SHARED_IN_GEMV_MAX_TOKENS = 4  # shared experts inside the gemv launches up to here; cuBLAS + add= above (round 3)
-TRITON_MAX_PAIRS = 2048  # aligned-block Triton GEMM (round 3) up to here, CUTLASS grouped GEMM beyond
+# aligned-block Triton GEMM (rounds 3-5) up to here, CUTLASS grouped GEMM beyond. Round 5 (moe_mid bench, R5):
+# Triton ahead of grouped_mm at every size from 1.5k to 9k pairs once the large config starts at 49 rows per
+# expert (qwen3moe T=1536 541 vs 632 us, dsv2lite T=1024 484 vs 558), ahead at 16k (R4-1 qwen3moe T=2048 -22 %),
+# tied at 12k (dsv2lite T=2048) and behind at 49k+ (T=8192).
+TRITON_MAX_PAIRS = 16384
 # Round 4: the Triton GEMM again from here on, with its large-T config (moe_fused_gemm.launch_configs); None = off.
 # Off: R4-1 measured it ahead only at 12-16k pairs (qwen3moe T=2048 -22 %, dsv2lite T=2048 ~tie), behind at
 # 49-65k pairs (T=8192), and the engine rows slower with it on from 4096 pairs (docs/perf-notes.md, Round 4).

@@ -27,7 +27,8 @@ from fractal.kernels._triton_support import HAS_TRITON, next_pow2
 if HAS_TRITON:
     from fractal.kernels._triton_support import tl, triton
 
-    @triton.jit
+    # sizes that change every step are not specialised on (no recompile per value class)
+    @triton.jit(do_not_specialize=["n"])
     def _align_count_kernel(ids_ptr, chunk_counts_ptr, rank_ptr, n, E, EP: tl.constexpr, C: tl.constexpr):
         g = tl.program_id(0)
         p = g * C + tl.arange(0, C)
@@ -39,7 +40,8 @@ if HAS_TRITON:
         tl.store(rank_ptr + p, rank, mask=p < n)
         tl.store(chunk_counts_ptr + g * EP + e, tl.sum(onehot, 0))
 
-    @triton.jit
+    # sizes that change every step are not specialised on (no recompile per value class)
+    @triton.jit(do_not_specialize=["n", "total_len"])
     def _align_scatter_kernel(ids_ptr, chunk_counts_ptr, rank_ptr, sorted_ptr, block_expert_ptr, n, E, G, total_len,
                               EP: tl.constexpr, C: tl.constexpr, GC: tl.constexpr, P: tl.constexpr,
                               BLOCK_M: tl.constexpr):
@@ -90,7 +92,8 @@ if HAS_TRITON:
         pid_n = (pid % per_group) // size_m
         return pid_m, pid_n
 
-    @triton.jit
+    # sizes that change every step are not specialised on (no recompile per value class)
+    @triton.jit(do_not_specialize=["num_valid", "num_pid_m"])
     def _gate_up_silu_kernel(
         x_ptr, w_ptr, out_ptr, sorted_ids_ptr, block_expert_ptr,
         I, K, num_valid, a_row_div, stride_xm, stride_we, stride_wn, stride_om, num_pid_m, num_pid_n, group_m,
@@ -129,7 +132,8 @@ if HAS_TRITON:
         o_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_om + n[None, :]
         tl.store(o_ptrs, act.to(dt), mask=rmask[:, None] & nmask[None, :])
 
-    @triton.jit
+    # sizes that change every step are not specialised on (no recompile per value class)
+    @triton.jit(do_not_specialize=["num_valid", "num_pid_m"])
     def _down_kernel(
         a_ptr, w_ptr, out_ptr, sorted_ids_ptr, block_expert_ptr,
         N, K, num_valid, stride_am, stride_we, stride_wn, stride_om, num_pid_m, num_pid_n, group_m,
@@ -222,7 +226,10 @@ DOWN_CONFIG = (64, 128, 4, 4)
 # Round 4, compute-bound sizes (many rows per expert): 128-row blocks, 8 warps, 3 stages, GROUP_M swizzle (picked
 # from device run R4-1, docs/perf-notes.md). The gate/up kernel holds two accumulators, so its BLOCK_N=64 is a
 # 128 x 128 output tile of [gate | up]. From XL_MIN_ROWS_PER_EXPERT on, the wider XL tiles measured faster.
-LARGE_MIN_ROWS_PER_EXPERT = 96     # mean pairs per expert from which the large config is used
+# Round 5 (moe_mid bench): the 64-row mid config lost to grouped_mm at 64-72 rows per expert (dsv2lite T=768
+# 591 vs 548 us, qwen3moe T=1024 609 vs 603) while the large config won from 96 (T=1024 484 vs 558): the large
+# config now starts above 48 mean rows per expert (48 itself stays 32-row blocks: T=512 481 vs 508 us).
+LARGE_MIN_ROWS_PER_EXPERT = 49     # mean pairs per expert from which the large config is used
 LARGE_BLOCK_M = 128
 LARGE_GATE_UP_CONFIG = (64, 64, 8, 3)
 LARGE_DOWN_CONFIG = (128, 64, 8, 3)

@@ -28,7 +28,8 @@ GQA_MAX_SPLITS = 32
 if HAS_TRITON:
     from fractal.kernels._triton_support import tl, triton
 
-    @triton.jit
+    # sizes that change every step are not specialised on (no recompile per value class)
+    @triton.jit(do_not_specialize=["stride_bt", "chunk", "stride_ob", "stride_oh", "stride_lb", "stride_lh"])
     def _gqa_decode_kernel(
         q_ptr, k_ptr, v_ptr, bt_ptr, sl_ptr, out_ptr, lse_ptr,
         stride_qb, stride_qh, stride_kblk, stride_ktok, stride_kh, stride_bt,
@@ -82,7 +83,8 @@ if HAS_TRITON:
             o_ptrs = out_ptr + b * stride_ob + qh[:, None] * stride_oh + d[None, :]
             tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=omask)
 
-    @triton.jit
+    # sizes that change every step are not specialised on (no recompile per value class)
+    @triton.jit(do_not_specialize=["stride_pb", "stride_ph", "stride_lb", "stride_lh", "S"])
     def _merge_splits_kernel(
         part_ptr, lse_ptr, out_ptr,
         stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh,

@@ -63,7 +63,8 @@ if HAS_TRITON:
             m_i = m_new
         return acc, m_i, l_i
 
-    @triton.jit
+    # sizes that change every step are not specialised on (no recompile per value class)
+    @triton.jit(do_not_specialize=["stride_bt"])
     def _prefill_kernel(
         q_ptr, k_ptr, v_ptr, out_ptr, qsl_ptr, sl_ptr, bt_ptr, cuk_ptr,
         stride_qt, stride_qh, stride_ot, stride_oh,
