@@ -156,6 +156,11 @@ class ModelRunner:
             from fractal.layers.gpu_backends import accelerate_model
 
             self.fast_modules = accelerate_model(self.model)
+            fused = [m for m in self.model.modules() if hasattr(m, "fuse_input_projections")]
+            for module in fused:
+                module.fuse_input_projections()
+            if fused:
+                self.fast_modules["fused_input_gemm"] = len(fused)
         has_moe = self.model.config.moe is not None
         self.use_cuda_graphs = (
             self.is_cuda and not config.enforce_eager

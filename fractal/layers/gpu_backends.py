@@ -64,6 +64,10 @@ try:
     from fractal.kernels.rotary import build_cos_sin_cache, rotary_embedding_
 except ImportError:  # pragma: no cover
     build_cos_sin_cache = rotary_embedding_ = None
+try:
+    from fractal.kernels.router_gemm import router_logits as router_logits_kernel
+except ImportError:  # pragma: no cover
+    router_logits_kernel = None
 
 MIN_CONTEXT_BUCKET = 1024
 
@@ -218,12 +222,26 @@ class TritonAttentionBackend(AttentionBackend):
         slots = t["block_tables"].long()[seq_of, pos // bs] * bs + pos % bs
         entries = kv_cache.flatten(0, 1).index_select(0, slots).to(q_nope.dtype)  # [S, L + R]
         latent, k_rope = entries[:, :rank], entries[:, rank:]
-        k_nope = torch.einsum("sl,hdl->shd", latent, w_uk)
-        v = torch.einsum("sl,hvl->shv", latent, w_uv)
-        k = torch.cat((k_nope, k_rope[:, None, :].expand(-1, heads, -1)), dim=-1)
-        q_full = torch.cat((q_nope[nd:], q_rope[nd:]), dim=-1)
-        varlen_attention(q_full, k, v, t["cu_q"], t["cu_k"], scale, max_query_len=t["max_q"], out=out[nd:])
+        # one GEMM gives every head's k_nope | v; K and V are strided views of it, the rope parts go in separately
+        dn = w_uk.shape[1]
+        kv = (latent @ self._kv_b_weight(w_uk, w_uv)).view(-1, heads, dn + w_uv.shape[1])  # [S, H, Dn + Dv]
+        varlen_attention(q_nope[nd:], kv[..., :dn], kv[..., dn:], t["cu_q"], t["cu_k"], scale,
+                         max_query_len=t["max_q"], out=out[nd:], q_rope=q_rope[nd:], k_rope=k_rope)
         return out
+
+    def _kv_b_weight(self, w_uk, w_uv):
+        """[L, H * (Dn + Dv)] so `latent @ W` is [S, H, Dn + Dv] (k_nope | v per head): kv_b_proj's own storage
+        when w_uk [H, Dn, L] / w_uv [H, Dv, L] are its per-head views (no copy), else built once and cached."""
+        (h, dn, rank), dv = w_uk.shape, w_uv.shape[1]
+        if (w_uk.stride() == w_uv.stride() == ((dn + dv) * rank, rank, 1) and w_uk.dtype == w_uv.dtype
+                and w_uk.untyped_storage().data_ptr() == w_uv.untyped_storage().data_ptr()
+                and w_uv.data_ptr() == w_uk.data_ptr() + dn * rank * w_uk.element_size()):
+            return w_uk.as_strided((h * (dn + dv), rank), (rank, 1)).t()
+        cache = self.__dict__.setdefault("_kv_b_cache", {})
+        key = (w_uk.data_ptr(), w_uv.data_ptr(), tuple(w_uk.shape), tuple(w_uv.shape), w_uk.dtype)
+        if key not in cache:
+            cache[key] = torch.cat((w_uk, w_uv), dim=1).reshape(h * (dn + dv), rank).t()
+        return cache[key]
 
 
 class TritonMoEBackend(MoEBackend):
@@ -299,11 +317,15 @@ class FastGatedMLP(GatedMLP):
 
 
 class FastRouter(Router):
-    """A float32 router (DeepSeek) with its weight converted once, not on every step (one kernel less per layer)."""
+    """A float32 router (DeepSeek): with a bf16/fp16 weight, kernels.router_gemm.router_logits (16-bit operands,
+    exact float32 products and accumulation: one launch, no float32 copy of x); else the float32 linear on a
+    weight converted once, not on every step."""
 
     weight_fp32: torch.Tensor
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if router_logits_kernel is not None and self.weight.dtype in (torch.bfloat16, torch.float16):
+            return router_logits_kernel(x, self.weight)
         return torch.nn.functional.linear(x.float(), self.weight_fp32)
 
 

@@ -59,6 +59,28 @@ class MLAttention(nn.Module):
         self.o_proj = nn.Linear(h * cfg.v_head_dim, cfg.hidden_size, bias=cfg.bias)
         self.rotary = RotaryEmbedding(cfg.rope)
         self.scale = cfg.qk_head_dim ** -0.5 * softmax_scale_multiplier(cfg.rope)
+        # (weight, bias | None, split sizes) once fuse_input_projections() ran; None: two separate GEMMs
+        self.fused_input: tuple[torch.Tensor, torch.Tensor | None, list[int]] | None = None
+
+    def fuse_input_projections(self) -> None:
+        """One GEMM instead of two for the projections that read x (q_proj or q_a_proj, and kv_a_proj_with_mqa):
+        their weights become row slices of one [N1 + N2, hidden] tensor (no extra memory), so a decode step
+        launches one kernel less per layer. Same numbers: each output column is the same dot product."""
+        first = self.q_proj if self.cfg.q_lora_rank is None else self.q_a_proj
+        second = self.kv_a_proj_with_mqa
+        n1, n2 = first.out_features, second.out_features
+        with torch.no_grad():
+            weight = torch.cat([first.weight, second.weight], dim=0)
+            first.weight.data, second.weight.data = weight[:n1], weight[n1:]
+            bias = None
+            if first.bias is not None or second.bias is not None:
+                bias = torch.cat([lin.bias if lin.bias is not None else weight.new_zeros(lin.out_features)
+                                  for lin in (first, second)])
+                if first.bias is not None:
+                    first.bias.data = bias[:n1]
+                if second.bias is not None:
+                    second.bias.data = bias[n1:]
+        self.fused_input = (weight, bias, [n1, n2])
 
     def kv_token_shape(self) -> tuple[int, ...]:
         return (self.cfg.kv_lora_rank + self.cfg.qk_rope_head_dim,)
@@ -73,13 +95,17 @@ class MLAttention(nn.Module):
         self, positions: torch.Tensor, x: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         cfg = self.cfg
-        if cfg.q_lora_rank is None:
-            q = self.q_proj(x)
+        if self.fused_input is not None:
+            weight, bias, sizes = self.fused_input
+            q, kv_a = nn.functional.linear(x, weight, bias).split(sizes, dim=-1)
         else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            q = self.q_proj(x) if cfg.q_lora_rank is None else self.q_a_proj(x)
+            kv_a = self.kv_a_proj_with_mqa(x)
+        if cfg.q_lora_rank is not None:
+            q = self.q_b_proj(self.q_a_layernorm(q))
         q = q.view(-1, cfg.num_heads, cfg.qk_head_dim)
         q_nope, q_rope = q.split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
-        latent, k_rope = self.kv_a_proj_with_mqa(x).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
+        latent, k_rope = kv_a.split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
         q_rope, k_rope = self.rotary(positions, q_rope, k_rope[:, None, :])
         # the latent is used only through the cache: its RMSNorm goes with the write (one kernel on the GPU path)
         self.backend.write_mla(kv_cache, latent, k_rope[:, 0, :], meta.slot_mapping, norm=self.kv_a_layernorm)

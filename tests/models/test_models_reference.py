@@ -93,3 +93,21 @@ def test_prefix_blocks_shared_between_sequences(family_models):
         logits = model.compute_logits(hidden)
     ref = hf_greedy_logits(hf, b, [0])[8:]
     assert rel_err(logits, ref) < TOL, family
+
+
+@pytest.mark.parametrize("family", ["deepseek_v2", "deepseek_v3"])
+def test_fused_input_projections_match_hf(family, tmp_path):
+    """One GEMM for q(_a)_proj + kv_a_proj_with_mqa (the GPU path's fusion) gives HF's logits, and the module
+    weights stay views of the fused tensor (a later load_weights would update both)."""
+    path = make_tiny_model(family, tmp_path, seed=3)
+    hf = load_hf_reference(path)
+    model = load_model(path, dtype=torch.float32)
+    layers = [m for m in model.modules() if hasattr(m, "fuse_input_projections")]
+    assert layers
+    for m in layers:
+        m.fuse_input_projections()
+        weight, _, sizes = m.fused_input
+        assert m.kv_a_proj_with_mqa.weight.data_ptr() == weight[sizes[0]:].data_ptr()
+    run = run_paged_greedy(model, PROMPTS, max_new_tokens=4, block_size=4, chunk_size=5)
+    for i, prompt in enumerate(PROMPTS):
+        assert rel_err(run.logits[i], hf_greedy_logits(hf, prompt, run.tokens[i])) < TOL
