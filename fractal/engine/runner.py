@@ -242,9 +242,12 @@ class ModelRunner:
         bs = self.block_size
         params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
         vocab = self.model.config.vocab_size
+        # step 1: long prompts (the long-query prefill configs); step 2: decodes + 512-token prompts (the short ones)
+        long_len = max(1, min(2048, max_model_len - 1))
         seq_len = max(1, min(512, max_model_len - 1))
-        steps = [(0, max_num_batched_tokens), (min(32, self.config.max_num_seqs), max_num_batched_tokens - 32)]
-        for n_decode, prefill_tokens in steps:
+        steps = [(0, max_num_batched_tokens, long_len),
+                 (min(32, self.config.max_num_seqs), max_num_batched_tokens - 32, seq_len)]
+        for n_decode, prefill_tokens, prompt_len in steps:
             seqs: dict[int, Sequence] = {}
             chunks: list[ScheduledChunk] = []
             next_block = 0
@@ -265,7 +268,7 @@ class ModelRunner:
             left = max(0, prefill_tokens)
             i = 0
             while left > 0:
-                n = min(seq_len, left)
+                n = min(prompt_len, left)
                 add([(11 * i + k) % vocab for k in range(n)], 0)
                 left -= n
                 i += 1
