@@ -245,8 +245,10 @@ class ModelRunner:
         # step 1: long prompts (the long-query prefill configs); step 2: decodes + 512-token prompts (the short ones)
         long_len = max(1, min(2048, max_model_len - 1))
         seq_len = max(1, min(512, max_model_len - 1))
+        # then two mid-size prefills: the MoE experts' Triton configs for 1k-2k token steps (eager only)
         steps = [(0, max_num_batched_tokens, long_len),
                  (min(32, self.config.max_num_seqs), max_num_batched_tokens - 32, seq_len)]
+        steps += [(0, n, seq_len) for n in (1024, 2048) if n < max_num_batched_tokens]
         for n_decode, prefill_tokens, prompt_len in steps:
             seqs: dict[int, Sequence] = {}
             chunks: list[ScheduledChunk] = []
