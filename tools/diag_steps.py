@@ -108,6 +108,8 @@ def main(argv=None) -> int:
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--top", type=int, default=28)
     p.add_argument("--mixed", default="", help="n_prefill,prefill_len,n_decode,decode_ctx: profile one mixed step")
+    p.add_argument("--set", action="append", default=[],
+                   help="module.ATTR=int before the engine starts, e.g. fractal.kernels.moe_experts.TRITON_MAX_PAIRS=2048")
     p.add_argument("--verbose", action="store_true", help="list every prefill-carrying step of each --gen")
     p.add_argument("--repeat-gen", action="store_true", help="run each --gen twice (JIT of new shapes vs warm)")
     p.add_argument("--engine", default="", help="extra engine kwargs, k=v,k=v (ints parsed)")
@@ -126,6 +128,13 @@ def main(argv=None) -> int:
                 extra[k] = float(v)
             except ValueError:
                 extra[k] = v == "true" if v in ("true", "false") else v
+    import importlib
+
+    for item in args.set:
+        target, value = item.split("=")
+        module, attr = target.rsplit(".", 1)
+        setattr(importlib.import_module(module), attr, int(value))
+        print(f"set {target} = {value}")
     for model in args.model:
         model_dir, _ = resolve_model_dir(model)
         llm = LLM(model=model_dir, **_engine_kwargs(extra))

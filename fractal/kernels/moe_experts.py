@@ -400,11 +400,12 @@ def default_backend(num_pairs: int) -> str:
 
 GEMV_MAX_PAIRS = 64      # decode of a few sequences
 SHARED_IN_GEMV_MAX_TOKENS = 4  # shared experts inside the gemv launches up to here; cuBLAS + add= above (round 3)
-# aligned-block Triton GEMM (rounds 3-5) up to here, CUTLASS grouped GEMM beyond. Round 5 (moe_mid bench, R5):
-# Triton ahead of grouped_mm at every size from 1.5k to 9k pairs once the large config starts at 49 rows per
-# expert (qwen3moe T=1536 541 vs 632 us, dsv2lite T=1024 484 vs 558), ahead at 16k (R4-1 qwen3moe T=2048 -22 %),
-# tied at 12k (dsv2lite T=2048) and behind at 49k+ (T=8192).
-TRITON_MAX_PAIRS = 16384
+# aligned-block Triton GEMM (round 3) up to here, CUTLASS grouped GEMM beyond. Round 5 measured the Triton path
+# ahead in isolation from 1.5k to 16k pairs (tools/bench_kernels.py --only moe_mid, graph replay), but with the
+# limit at 16k the engine got slower: Qwen3-30B-A3B gen-n512 36.9 s vs 29.3 s at 2048 (its eager mixed steps
+# 93 vs 52 ms: five Python-launched Triton kernels per MoE layer cost more host time than one grouped_mm call,
+# and the step becomes host-bound). Kept at 2048 until the eager launch cost is measured (docs/perf-notes.md R5).
+TRITON_MAX_PAIRS = 2048
 # Round 4: the Triton GEMM again from here on, with its large-T config (moe_fused_gemm.launch_configs); None = off.
 # Off: R4-1 measured it ahead only at 12-16k pairs (qwen3moe T=2048 -22 %, dsv2lite T=2048 ~tie), behind at
 # 49-65k pairs (T=8192), and the engine rows slower with it on from 4096 pairs (docs/perf-notes.md, Round 4).
