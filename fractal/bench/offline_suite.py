@@ -17,6 +17,8 @@ Rows (ROWS):
 Each row: measured seconds, the floor (fractal.perf.floor.step_floor; for a generate, the sum over the
 steps the engine actually ran), measured/floor, the binding resource, MBU and MFU (the floor's bytes and
 FLOPs over measured time and the GPU's peak), tokens/s, and the vLLM 0.24 figure of issue 5 where there is one.
+A note "jit +N" says N Triton binaries were compiled during the row (its timed part or the row's own untimed
+warm-up; decode rows warm up before timing, generate rows do not).
 """
 from __future__ import annotations
 
