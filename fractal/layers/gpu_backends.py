@@ -357,7 +357,8 @@ def accelerate_model(model: torch.nn.Module, max_positions: int | None = None) -
             module.__class__ = FastGatedMLP
             swapped["mlp"] += 1
         elif type(module) is Router and module.fp32 and module.weight.is_cuda and module.weight.dtype != torch.float32:
-            module.weight_fp32 = module.weight.detach().float()
+            if router_logits_kernel is None or module.weight.dtype not in (torch.bfloat16, torch.float16):
+                module.weight_fp32 = module.weight.detach().float()  # only the torch fallback reads it
             module.__class__ = FastRouter
             swapped["router"] += 1
     # rotary modules hold no parameters: take the device from the model
