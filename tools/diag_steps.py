@@ -7,6 +7,9 @@ prefill-carrying steps and decode-only steps (by batch bucket), with wall time a
 For each --batches b: one decode step at `context` profiled on eager launches (every kernel visible), kernels
 grouped by name with GPU microseconds per step, beside the CUDA-graph replay time of the same step.
 Random weights at the real shapes (load_format="dummy"), bf16, greedy; the suite's engine settings.
+Caveat: with async scheduling a step's time is measured from the previous step's completion as the host sees
+it, so around a change of step kind (a long eager mixed step, then decodes) time can land on the neighbour;
+the sums over a generate are exact.
 """
 from __future__ import annotations
 
@@ -27,6 +30,8 @@ def timeline(llm, floors, n: int, vocab: int, rng, verbose: bool = False) -> Non
     engine.step_log = []
     params = SamplingParams(temperature=0.0, max_tokens=OUTPUT_LEN, ignore_eos=True)
     jit0 = compiled_variants_by_kernel()
+    graphs = engine.runner.graphs
+    replays0, captured0 = (graphs.num_replays, len(graphs.graphs)) if graphs is not None else (0, 0)
     _sync()
     t0 = time.perf_counter()
     llm.generate(_prompts(rng, n, INPUT_LEN, vocab), params)
@@ -48,6 +53,10 @@ def timeline(llm, floors, n: int, vocab: int, rng, verbose: bool = False) -> Non
         g[2] += f.floor_s
         g[3] += shape.num_batched_tokens
     stepsum = sum(e for _, e in log)
+    decode_steps = sum(1 for shape, _ in log if not shape.num_prefill_tokens)
+    if graphs is not None:
+        print(f"\n   decode-only steps {decode_steps}, graph replays {graphs.num_replays - replays0}, graphs captured "
+              f"during the run {len(graphs.graphs) - captured0}")
     jit1 = compiled_variants_by_kernel()
     new_jit = {k: v - jit0.get(k, 0) for k, v in jit1.items() if v != jit0.get(k, 0)}
     print(f"\n== gen-n{n}: {total:.2f} s wall, {len(log)} steps, Triton compiles during it {new_jit}, "
@@ -58,6 +67,13 @@ def timeline(llm, floors, n: int, vocab: int, rng, verbose: bool = False) -> Non
         c, t, fl, tok = groups[key]
         print(f"{key:<18}{c:>6}{t:>9.3f}{1e3 * t / c:>9.2f}{1e3 * fl / c:>10.2f}{t / fl:>9.2f}{tok:>9}")
     if verbose:
+        by_b = defaultdict(list)
+        for shape, elapsed in log:
+            if not shape.num_prefill_tokens:
+                by_b[(shape.num_decode_seqs, shape.max_context_len // 256 * 256)].append(elapsed)
+        print("decode-only steps by (batch, max context // 256 * 256): count, mean ms (top 10 by total time)")
+        for (b, ctx), ts in sorted(by_b.items(), key=lambda kv: -sum(kv[1]))[:10]:
+            print(f"  b={b:4d} ctx>={ctx:5d} {len(ts):5d} {1e3 * sum(ts) / len(ts):8.2f}")
         print("prefill-carrying steps: index, prefill tokens, chunks, decodes, max context, ms")
         for i, (shape, elapsed) in enumerate(log):
             if shape.num_prefill_tokens:
