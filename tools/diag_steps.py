@@ -24,12 +24,13 @@ def timeline(llm, floors, n: int, vocab: int, rng, verbose: bool = False) -> Non
     from fractal.bench.offline_suite import INPUT_LEN, OUTPUT_LEN, _prompts, _sync
     from fractal import SamplingParams
 
-    from fractal.kernels._triton_support import compiled_variants_by_kernel
+    from fractal.kernels._triton_support import compiled_variant_keys, compiled_variants_by_kernel
 
     engine = llm.engine
     engine.step_log = []
     params = SamplingParams(temperature=0.0, max_tokens=OUTPUT_LEN, ignore_eos=True)
     jit0 = compiled_variants_by_kernel()
+    keys0 = compiled_variant_keys()
     graphs = engine.runner.graphs
     replays0, captured0 = (graphs.num_replays, len(graphs.graphs)) if graphs is not None else (0, 0)
     _sync()
@@ -66,6 +67,8 @@ def timeline(llm, floors, n: int, vocab: int, rng, verbose: bool = False) -> Non
     for key in sorted(groups):
         c, t, fl, tok = groups[key]
         print(f"{key:<18}{c:>6}{t:>9.3f}{1e3 * t / c:>9.2f}{1e3 * fl / c:>10.2f}{t / fl:>9.2f}{tok:>9}")
+    for label, key in sorted(compiled_variant_keys() - keys0):
+        print(f"   compiled in the run: {label} {key[:400]}")
     if verbose:
         by_b = defaultdict(list)
         for shape, elapsed in log:

@@ -61,3 +61,25 @@ def compiled_variants_by_kernel() -> dict[str, int]:
                     cache = entry[0] if isinstance(entry, tuple) else entry
                     counts[key] = counts.get(key, 0) + (len(cache) if hasattr(cache, "__len__") else 0)
     return counts
+
+
+def compiled_variant_keys() -> set[tuple[str, str]]:
+    """(kernel, specialisation key) of every compiled Triton binary of fractal's kernels: diff two snapshots to
+    see which variant a run compiled."""
+    if not HAS_TRITON:
+        return set()
+    import sys
+
+    keys: set[tuple[str, str]] = set()
+    for name, module in list(sys.modules.items()):
+        if not name.startswith("fractal.kernels.") or module is None:
+            continue
+        for obj in vars(module).values():
+            caches = getattr(obj, "device_caches", None)
+            if isinstance(obj, triton.runtime.JITFunction) and caches:
+                label = f"{name.rsplit('.', 1)[-1]}.{getattr(obj, '__name__', '?')}"
+                for entry in caches.values():
+                    cache = entry[0] if isinstance(entry, tuple) else entry
+                    for key in (cache.keys() if hasattr(cache, "keys") else ()):
+                        keys.add((label, str(key)))
+    return keys

@@ -42,7 +42,8 @@ if HAS_TRITON:
         a = (g / (1.0 + tl.exp(-g))).to(out_ptr.dtype.element_ty).to(tl.float32) * u
         tl.store(out_ptr + row * stride_o + cols, a.to(out_ptr.dtype.element_ty), mask=mask)
 
-    @triton.jit
+    # n_routed = T * k changes every step (no recompile per value class; seen compiling inside generates)
+    @triton.jit(do_not_specialize=["n_routed"])
     def _combine_kernel(y_ptr, idx_ptr, w_ptr, add_ptr, out_ptr, stride_y, stride_a, stride_o, H, n_routed,
                         K: tl.constexpr, HAS_IDX: tl.constexpr, NS: tl.constexpr, HAS_ADD: tl.constexpr,
                         BLOCK: tl.constexpr):

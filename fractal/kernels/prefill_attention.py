@@ -70,7 +70,9 @@ if HAS_TRITON:
         return acc, m_i, l_i
 
     # sizes that change every step are not specialised on (no recompile per value class)
-    @triton.jit(do_not_specialize=["stride_bt"])
+    # metadata pointers may be slices past the decode rows (not 16-byte aligned): no variant per alignment
+    @triton.jit(do_not_specialize=["stride_bt"],
+                do_not_specialize_on_alignment=["qsl_ptr", "sl_ptr", "bt_ptr", "cuk_ptr"])
     def _prefill_kernel(
         q_ptr, k_ptr, v_ptr, out_ptr, qsl_ptr, sl_ptr, bt_ptr, cuk_ptr, q2_ptr, k2_ptr,
         stride_qt, stride_qh, stride_ot, stride_oh,
