@@ -193,39 +193,16 @@ def mixed(llm, n_prefill: int, prefill_len: int, n_decode: int, decode_ctx: int,
 
     from fractal import SamplingParams
     from fractal.bench.offline_suite import _sync
-    from fractal.engine.request import Sequence
-    from fractal.engine.scheduler_output import ScheduledChunk, SchedulerOutput
+    from fractal.engine.synthetic_batch import synthetic_step
 
     runner = llm.engine.runner
-    bs = runner.block_size
     params = SamplingParams(temperature=0.0, max_tokens=1 << 20, ignore_eos=True)
-    seqs, chunks, nxt = {}, [], 0
-    base = 1 << 41
-
-    def table_for(length):
-        nonlocal nxt
-        need = -(-length // bs)
-        t = list(range(nxt, nxt + need))
-        nxt += need
-        return t
-
-    for i in range(n_decode):
-        sid = base + i
-        seqs[sid] = Sequence(seq_id=sid, request_id="diag", index=0, order=sid, token_ids=[7] * (decode_ctx + 1),
-                             num_prompt_tokens=decode_ctx - 5, params=params)
-        chunks.append(ScheduledChunk(seq_id=sid, token_ids=[11 + i % 50], start_pos=decode_ctx,
-                                     block_table=table_for(decode_ctx + 1), sample=True))
-    for j in range(n_prefill):
-        sid = base + n_decode + j
-        toks = [(13 + 7 * j + k) % 1000 + 10 for k in range(prefill_len)]
-        seqs[sid] = Sequence(seq_id=sid, request_id="diag", index=0, order=sid, token_ids=list(toks),
-                             num_prompt_tokens=prefill_len, params=params)
-        chunks.append(ScheduledChunk(seq_id=sid, token_ids=toks, start_pos=0, block_table=table_for(prefill_len),
-                                     sample=True))
+    rows = [(decode_ctx, [11 + i % 50]) for i in range(n_decode)]
+    rows += [(0, [(13 + 7 * j + k) % 1000 + 10 for k in range(prefill_len)]) for j in range(n_prefill)]
+    out, seqs, nxt = synthetic_step(rows, runner.block_size, params, first_seq_id=1 << 41)
     if nxt > runner.num_blocks:
         print(f"mixed: needs {nxt} blocks, pool has {runner.num_blocks}")
         return
-    out = SchedulerOutput(chunks=chunks)
     eos = frozenset()
     for _ in range(2):
         runner.execute(out, seqs, eos)

@@ -164,8 +164,7 @@ class _PlainPath:
 def _decode_step_time(llm, batch: int, context: int, steps: int = 20) -> tuple[float, str]:
     """Mean seconds of back-to-back launched decode steps of `batch` sequences with `context` cached tokens."""
     from fractal import SamplingParams
-    from fractal.engine.request import Sequence
-    from fractal.engine.scheduler_output import ScheduledChunk, SchedulerOutput
+    from fractal.engine.synthetic_batch import synthetic_step
 
     runner = llm.engine.runner
     bs = runner.block_size
@@ -174,16 +173,8 @@ def _decode_step_time(llm, batch: int, context: int, steps: int = 20) -> tuple[f
         raise FractalError(f"KV of {batch} x {context + 1} tokens needs {batch * need} blocks; the pool has "
                            f"{runner.num_blocks}")
     params = SamplingParams(temperature=0.0, max_tokens=1 << 20, ignore_eos=True)
-    seqs, chunks = {}, []
-    base = 1 << 40  # seq ids far from the engine's own
-    for i in range(batch):
-        sid = base + i
-        seqs[sid] = Sequence(seq_id=sid, request_id="bench", index=0, order=sid, token_ids=[7] * (context + 1),
-                             num_prompt_tokens=context, params=params)
-        table = list(range(i * need, (i + 1) * need))
-        chunks.append(ScheduledChunk(seq_id=sid, token_ids=[7 + i % 100], start_pos=context, block_table=table,
-                                     sample=True))
-    out = SchedulerOutput(chunks=chunks)
+    # sequence i holds blocks i*need .. (i+1)*need - 1; seq ids far from the engine's own
+    out, seqs, _ = synthetic_step([(context, [7 + i % 100]) for i in range(batch)], bs, params, first_seq_id=1 << 40)
     eos = frozenset()
     for _ in range(3):
         runner.execute(out, seqs, eos)  # warm-up (captures the graph of this shape)
@@ -232,7 +223,7 @@ def run_suite(model: str, *, gpu: str = "h100", rows=None, engine_kwargs: dict |
                         tokens_per_s=None, unit="s", floor_tokens_per_s=None, peer=peer.get("startup"),
                         note=f"graphs {len(graphs.graphs) if graphs else 0}, capture "
                              f"{graphs.capture_time_s if graphs else 0:.1f}s, warm-up "
-                             f"{getattr(llm.engine, 'warm_up_s', 0.0):.1f}s"))
+                             f"{llm.engine.warm_up_s:.1f}s"))
     vocab = runner.model.config.vocab_size
     rng = random.Random(0)
 

@@ -156,11 +156,6 @@ class ModelRunner:
             from fractal.layers.gpu_backends import accelerate_model
 
             self.fast_modules = accelerate_model(self.model)
-            fused = [m for m in self.model.modules() if hasattr(m, "fuse_input_projections")]
-            for module in fused:
-                module.fuse_input_projections()
-            if fused:
-                self.fast_modules["fused_input_gemm"] = len(fused)
         has_moe = self.model.config.moe is not None
         self.use_cuda_graphs = (
             self.is_cuda and not config.enforce_eager
@@ -229,17 +224,16 @@ class ModelRunner:
         return time.perf_counter() - t0
 
     def warm_up(self, max_num_batched_tokens: int, max_model_len: int, force: bool = False) -> float:
-        """Run a full-budget prefill step and a mixed decode+prefill step on throw-away sequences (CUDA only);
-        returns seconds. The first real steps then find the caching allocator grown, cuBLAS/CUTLASS plans made
+        """Run a few steps on throw-away sequences (CUDA only): a full-budget prefill of long prompts, a mixed
+        decode+prefill step, and 1k / 2k-token prefills; returns seconds. The first real steps then find the caching allocator grown, cuBLAS/CUTLASS plans made
         and the eager Triton kernels compiled (the first 8k-token step of a cold engine took 2x its warm time,
         docs/perf-notes.md round 5). The KV it writes lands in free blocks and is never read by a request."""
         if not (self.is_cuda or force) or self.num_blocks == 0:
             return 0.0
-        from fractal.engine.scheduler_output import ScheduledChunk
+        from fractal.engine.synthetic_batch import synthetic_step
         from fractal.sampling_params import SamplingParams
 
         t0 = time.perf_counter()
-        bs = self.block_size
         params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
         vocab = self.model.config.vocab_size
         # step 1: long prompts (the long-query prefill configs); step 2: decodes + 512-token prompts (the short ones)
@@ -250,33 +244,17 @@ class ModelRunner:
                  (min(32, self.config.max_num_seqs), max_num_batched_tokens - 32, seq_len)]
         steps += [(0, n, seq_len) for n in (1024, 2048) if n < max_num_batched_tokens]
         for n_decode, prefill_tokens, prompt_len in steps:
-            seqs: dict[int, Sequence] = {}
-            chunks: list[ScheduledChunk] = []
-            next_block = 0
-
-            def add(token_ids, start, sample=True):
-                nonlocal next_block
-                need = -(-(start + len(token_ids)) // bs)
-                sid = -1 - len(seqs)  # negative ids: never a request's
-                seqs[sid] = Sequence(seq_id=sid, request_id="warm-up", index=0, order=sid,
-                                     token_ids=[1] * start + list(token_ids), num_prompt_tokens=start + len(token_ids),
-                                     params=params)
-                chunks.append(ScheduledChunk(seq_id=sid, token_ids=list(token_ids), start_pos=start,
-                                             block_table=list(range(next_block, next_block + need)), sample=sample))
-                next_block += need
-
-            for i in range(n_decode):
-                add([(7 * i + 3) % vocab], seq_len)
+            rows = [(seq_len, [(7 * i + 3) % vocab]) for i in range(n_decode)]
             left = max(0, prefill_tokens)
-            i = 0
             while left > 0:
                 n = min(prompt_len, left)
-                add([(11 * i + k) % vocab for k in range(n)], 0)
+                rows.append((0, [(11 * len(rows) + k) % vocab for k in range(n)]))
                 left -= n
-                i += 1
-            if next_block > self.num_blocks:
+            # negative ids: never a request's
+            output, seqs, blocks = synthetic_step(rows, self.block_size, params, first_seq_id=-(1 << 40))
+            if blocks > self.num_blocks:
                 break  # a pool this small serves short batches only; nothing to warm at this size
-            self.execute(SchedulerOutput(chunks=chunks), seqs, frozenset())
+            self.execute(output, seqs, frozenset())
         self._prev_sampled, self._prev_rows = None, {}  # no request sampled in these steps
         if self.is_cuda:
             torch.cuda.synchronize(self.device)

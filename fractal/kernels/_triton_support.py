@@ -45,21 +45,9 @@ def compiled_variants() -> int:
 
 def compiled_variants_by_kernel() -> dict[str, int]:
     """compiled_variants per kernel name ("module.function")."""
-    if not HAS_TRITON:
-        return {}
-    import sys
-
     counts: dict[str, int] = {}
-    for name, module in list(sys.modules.items()):
-        if not name.startswith("fractal.kernels.") or module is None:
-            continue
-        for obj in vars(module).values():
-            caches = getattr(obj, "device_caches", None)
-            if isinstance(obj, triton.runtime.JITFunction) and caches:
-                key = f"{name.rsplit('.', 1)[-1]}.{getattr(obj, '__name__', '?')}"
-                for entry in caches.values():
-                    cache = entry[0] if isinstance(entry, tuple) else entry
-                    counts[key] = counts.get(key, 0) + (len(cache) if hasattr(cache, "__len__") else 0)
+    for label, _ in compiled_variant_keys():
+        counts[label] = counts.get(label, 0) + 1
     return counts
 
 

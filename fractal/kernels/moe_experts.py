@@ -403,9 +403,9 @@ GEMV_MAX_PAIRS = 64      # decode of a few sequences
 SHARED_IN_GEMV_MAX_TOKENS = 4  # shared experts inside the gemv launches up to here; cuBLAS + add= above (round 3)
 # aligned-block Triton GEMM (round 3) up to here, CUTLASS grouped GEMM beyond. Round 5 measured the Triton path
 # ahead in isolation from 1.5k to 16k pairs (tools/bench_kernels.py --only moe_mid, graph replay), but with the
-# limit at 16k the engine got slower: Qwen3-30B-A3B gen-n512 36.9 s vs 29.3 s at 2048 (its eager mixed steps
-# 93 vs 52 ms: five Python-launched Triton kernels per MoE layer cost more host time than one grouped_mm call,
-# and the step becomes host-bound). Kept at 2048 until the eager launch cost is measured (docs/perf-notes.md R5).
+# limit at 16k the engine got slower (A/B R5-7: Qwen3-30B-A3B gen-n512 35.1 vs 31.4 s, DeepSeek-V2-Lite gen-n256
+# 6.92 vs 5.82 s; only DeepSeek's b=512 graph replays gained). Compiles inside the runs and the host cost of five
+# Python-launched kernels per eager MoE layer are the candidates, not separated (docs/perf-notes.md, round 5).
 TRITON_MAX_PAIRS = 2048
 # Round 4: the Triton GEMM again from here on, with its large-T config (moe_fused_gemm.launch_configs); None = off.
 # Off: R4-1 measured it ahead only at 12-16k pairs (qwen3moe T=2048 -22 %, dsv2lite T=2048 ~tie), behind at

@@ -321,10 +321,10 @@ class FastRouter(Router):
     exact float32 products and accumulation: one launch, no float32 copy of x); else the float32 linear on a
     weight converted once, not on every step."""
 
-    weight_fp32: torch.Tensor
+    weight_fp32: torch.Tensor | None = None  # set by accelerate_model only where the kernel cannot run
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if router_logits_kernel is not None and self.weight.dtype in (torch.bfloat16, torch.float16):
+        if self.weight_fp32 is None:
             return router_logits_kernel(x, self.weight)
         return torch.nn.functional.linear(x.float(), self.weight_fp32)
 
@@ -340,12 +340,13 @@ class FastRotaryEmbedding(RotaryEmbedding):
 
 
 def accelerate_model(model: torch.nn.Module, max_positions: int | None = None) -> dict[str, int]:
-    """Swap RMSNorm / RotaryEmbedding / GatedMLP / float32 Router modules for kernel-backed subclasses (CUDA only).
+    """Swap RMSNorm / RotaryEmbedding / GatedMLP / float32 Router modules for kernel-backed subclasses and fuse
+    MLA's input projections (CUDA only).
 
     max_positions bounds the RoPE table (default: each RopeConfig's max_position_embeddings).
     Returns how many modules of each kind were swapped.
     """
-    swapped = {"rmsnorm": 0, "rotary": 0, "mlp": 0, "router": 0}
+    swapped = {"rmsnorm": 0, "rotary": 0, "mlp": 0, "router": 0, "fused_input_gemm": 0}
     tables: dict = {}
     for module in model.modules():
         device = next((p.device for p in module.parameters()), None)
@@ -361,6 +362,9 @@ def accelerate_model(model: torch.nn.Module, max_positions: int | None = None) -
                 module.weight_fp32 = module.weight.detach().float()  # only the torch fallback reads it
             module.__class__ = FastRouter
             swapped["router"] += 1
+        elif hasattr(module, "fuse_input_projections") and device is not None and device.type == "cuda":
+            module.fuse_input_projections()  # MLA: q(_a)_proj and kv_a_proj_with_mqa as one GEMM
+            swapped["fused_input_gemm"] += 1
     # rotary modules hold no parameters: take the device from the model
     device = next(model.parameters()).device
     if device.type == "cuda" and rotary_embedding_ is not None:
