@@ -283,6 +283,65 @@ def bench_moe_mid():
         del w13, w2
 
 
+def bench_r6_moe():
+    """Round 6: MoE at decode b=256..768 (BLOCK_M 32 vs 64) against grouped_mm."""
+    import fractal.kernels.moe_fused_gemm as mfg
+    from fractal.kernels.moe_experts import fused_experts, fused_experts_ref
+
+    for name, E, H, I, k in MOE_SHAPES:
+        w13 = (torch.randn(E, 2 * I, H, device="cuda") / H ** 0.5).to(BF16)
+        w2 = (torch.randn(E, H, I, device="cuda") / I ** 0.5).to(BF16)
+        for T in (256, 384, 512, 768):
+            x, ids, w, b, f = _moe_case(E, H, I, k, T)
+            ref = fused_experts_ref(x, w13, w2, w, ids)
+            for label, mid in (("triton bm<=48:32", 48), ("triton bm<=32:32", 32), ("triton bm<=24:32", 24)):
+                def fn(mid=mid):
+                    old, mfg.MID_MAX_ROWS_PER_EXPERT = mfg.MID_MAX_ROWS_PER_EXPERT, mid
+                    try:
+                        return fused_experts(x, w13, w2, w, ids, backend="triton")
+                    finally:
+                        mfg.MID_MAX_ROWS_PER_EXPERT = old
+                row("moe_r6", f"{name} T={T} E={E} k={k}", label, fn, b, f, rel(fn(), ref))
+            fn = lambda: fused_experts(x, w13, w2, w, ids, backend="grouped_mm")  # noqa: E731
+            row("moe_r6", f"{name} T={T} E={E} k={k}", "grouped_mm", fn, b, f, rel(fn(), ref))
+        del w13, w2
+
+
+def bench_r6_mla():
+    """Round 6: MLA decode launch configs (and the transposed-load variant) at b=1/8/64/256/512."""
+    from fractal.kernels.mla_decode import mla_decode
+
+    page, H, L, R = 16, 16, 512, 64
+    configs = {
+        "default": {},
+        "c32s32": dict(min_chunk=32, max_splits=32),
+        "n64w4": dict(BLOCK_N=64, num_warps=4),
+        "n64w8": dict(BLOCK_N=64, num_warps=8),
+        "n16c16s64": dict(BLOCK_N=16, min_chunk=16, max_splits=64, num_stages=3),
+        "w8s3": dict(num_warps=8, num_stages=3),
+        "n16s4": dict(BLOCK_N=16, num_stages=4),
+        "pps1": dict(programs_per_sm=1),
+        "pps4": dict(programs_per_sm=4),
+    }
+    for B, ctx in ((1, 1024), (8, 1024), (64, 1024), (256, 640), (512, 640)):
+        nb, bt, sl = _paged([ctx] * B, page, None)
+        cache = torch.randn(nb, page, L + R, dtype=BF16, device="cuda")
+        ql = torch.randn(B, H, L, dtype=BF16, device="cuda")
+        qr = torch.randn(B, H, R, dtype=BF16, device="cuda")
+        b = B * ctx * (L + R) * 2
+        f = 2 * B * H * ctx * (L + R + L)
+        base = mla_decode(ql, qr, cache, bt, sl, 0.135, max_seq_len=ctx)
+        for name, cfg in configs.items():
+            try:
+                out = mla_decode(ql, qr, cache, bt, sl, 0.135, max_seq_len=ctx, config=cfg)
+                row("mla_r6", f"B={B} ctx={ctx}", name,
+                    lambda cfg=cfg: mla_decode(ql, qr, cache, bt, sl, 0.135, max_seq_len=ctx, config=cfg), b, f,
+                    rel(out, base))
+            except Exception as e:
+                print(f"  mla_r6 {name} FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
+        del cache
+
+
 def _paged(seq_lens, page, shape_tail, device="cuda"):
     need = [math.ceil(n / page) for n in seq_lens]
     nb = sum(need) + 1
@@ -477,6 +536,8 @@ def bench_sweep():
 
 
 SECTIONS["sweep"] = bench_sweep
+SECTIONS["r6moe"] = bench_r6_moe
+SECTIONS["r6mla"] = bench_r6_mla
 SECTIONS["moe_sweep"] = bench_moe_sweep
 SECTIONS["moe_large"] = bench_moe_large
 SECTIONS["moe_mid"] = bench_moe_mid
@@ -504,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
     measure_ceilings()
     only = [s for s in args.only.split(",") if s]
     for name, fn in SECTIONS.items():
-        if (only and name not in only) or (not only and name in ("sweep", "moe_sweep", "moe_large", "moe_mid")):  # sweeps only when asked for
+        if (only and name not in only) or (not only and name in ("sweep", "moe_sweep", "moe_large", "moe_mid", "r6moe", "r6mla")):  # sweeps only when asked for
             continue
         print(f"[{name}]", flush=True)
         try:

@@ -84,7 +84,7 @@ def timeline(llm, floors, n: int, vocab: int, rng, verbose: bool = False) -> Non
                       f"{shape.num_decode_seqs:4d} {shape.max_context_len:6d} {elapsed * 1e3:8.1f}")
 
 
-def kernels(llm, batch: int, context: int, top: int) -> None:
+def kernels(llm, batch: int, context: int, top: int, sequence: int = 0) -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -117,6 +117,17 @@ def kernels(llm, batch: int, context: int, top: int) -> None:
     print(f"{'us/step':>9}{'calls':>7}{'us/call':>9}  kernel")
     for name, (c, t) in sorted(per.items(), key=lambda kv: -kv[1][1])[:top]:
         print(f"{t / runs:>9.1f}{c / runs:>7.0f}{t / c:>9.1f}  {name[:110]}")
+    if sequence:  # launch order of the last profiled step: which small kernels sit next to each other
+        cuda = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                      key=lambda e: e.time_range.start)
+        last = cuda[-round(count):]
+        print(f"first {sequence} kernels of the last step, in launch order (us, gap to the previous end us):")
+        prev_end = None
+        for e in last[:sequence]:
+            dt = getattr(e, "device_time", None) or e.cuda_time
+            gap = "" if prev_end is None else f"{e.time_range.start - prev_end:6.1f}"
+            print(f"{dt:8.1f} {gap:>6}  {e.name[:100]}")
+            prev_end = e.time_range.end
 
 
 def main(argv=None) -> int:
@@ -126,6 +137,7 @@ def main(argv=None) -> int:
     p.add_argument("--batches", default="1,64,256")
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--top", type=int, default=28)
+    p.add_argument("--sequence", type=int, default=0, help="print the first N kernels of a profiled decode step in order")
     p.add_argument("--mixed", default="", help="n_prefill,prefill_len,n_decode,decode_ctx: profile one mixed step")
     p.add_argument("--set", action="append", default=[],
                    help="module.ATTR=int before the engine starts, e.g. fractal.kernels.moe_experts.TRITON_MAX_PAIRS=2048")
@@ -172,7 +184,7 @@ def main(argv=None) -> int:
                 sys.stdout.flush()
         for b in filter(None, args.batches.split(",")):
             try:
-                kernels(llm, int(b), args.context, args.top)
+                kernels(llm, int(b), args.context, args.top, args.sequence)
             except Exception as exc:
                 print(f"decode b={b}: {type(exc).__name__}: {exc}")
             sys.stdout.flush()

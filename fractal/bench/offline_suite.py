@@ -53,9 +53,16 @@ PEER = {
 }
 
 
+# The peer's batch limits: vLLM's offline `LLM` class on a GPU of >= 70 GiB (H100/H200) defaults to 16384 tokens and
+# 1024 sequences per step (vllm/engine/arg_utils.py, get_batch_defaults), so the table compares like with like.
+SUITE_MAX_NUM_BATCHED_TOKENS = 16384
+SUITE_MAX_NUM_SEQS = 1024
+
+
 def _engine_kwargs(overrides: dict | None) -> dict:
-    kwargs = dict(load_format="dummy", dtype="bfloat16", max_model_len=8192 + 64, max_num_seqs=512,
-                  max_num_batched_tokens=8192, enable_prefix_caching=False, gpu_memory_utilization=0.9)
+    kwargs = dict(load_format="dummy", dtype="bfloat16", max_model_len=8192 + 64, max_num_seqs=SUITE_MAX_NUM_SEQS,
+                  max_num_batched_tokens=SUITE_MAX_NUM_BATCHED_TOKENS, enable_prefix_caching=False,
+                  gpu_memory_utilization=0.9)
     kwargs.update(overrides or {})
     return kwargs
 

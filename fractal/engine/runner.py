@@ -8,9 +8,9 @@ Per step (`launch`, then `StepHandle.result`; `execute` does both):
      (`PLACEHOLDER`, overlap mode) is read on the device from the previous step's sampled tokens;
   3. decode-only steps replay a CUDA graph (fractal/engine/cuda_graphs.py) when one fits; otherwise
      `model.forward(...)` runs eagerly with an AttentionMetadata built from the same tensors;
-  4. the last row of each chunk that samples -> `model.compute_logits` -> fp32 [B, V] -> sampling (all-greedy
-     steps on CUDA: argmax + logsumexp; otherwise the Sampler with a SamplingBatch moved to the device
-     non-blocking);
+  4. the last row of each chunk that samples -> `model.compute_logits` -> sampling (all-greedy steps on CUDA:
+     one kernel over the model-dtype logits gives the argmax and its logprob; otherwise float32 logits and the
+     Sampler with a SamplingBatch moved to the device non-blocking);
   5. the sampled ids and logprobs are copied to pinned host memory behind a CUDA event; `result()` waits for
      that event only.
 On CUDA the default backends are the Triton ones (fractal/layers/gpu_backends.py) and RMSNorm / RoPE / the
@@ -32,6 +32,7 @@ from fractal.engine.config import EngineConfig
 from fractal.engine.request import Sequence
 from fractal.engine.scheduler_output import SchedulerOutput
 from fractal.errors import FractalError
+from fractal.kernels.greedy_sample import greedy_sample
 from fractal.layers.attention_metadata import AttentionMetadata
 from fractal.layers.sampler import Sampler, SamplingBatch, make_generator
 
@@ -402,13 +403,14 @@ class ModelRunner:
             return hidden
         return hidden.index_select(0, self._h2d(hb.sample_rows, torch.long))
 
+    def _fast_greedy(self, seqs: list[Sequence]) -> bool:
+        """All rows greedy with nothing to apply (penalties, min_tokens, logprobs): on CUDA one kernel reads the
+        model-dtype logits for the argmax and its logprob (fractal/kernels/greedy_sample.py)."""
+        return self.is_cuda and all(_simple_greedy(s.params) and s.num_output_tokens >= s.params.min_tokens
+                                    for s in seqs)
+
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence], eos_token_ids):
         """(sampled ids [B], their logprobs [B], top ids [B, K] | None, top logprobs | None) on the device."""
-        if self.is_cuda and all(_simple_greedy(s.params) and s.num_output_tokens >= s.params.min_tokens
-                                for s in seqs):
-            sampled = logits.argmax(dim=-1)
-            logprob = logits.gather(1, sampled[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
-            return sampled, logprob, None, None
         batch = SamplingBatch.build(
             params=[s.params for s in seqs],
             prompt_token_ids=[s.prompt_token_ids for s in seqs],
@@ -435,8 +437,12 @@ class ModelRunner:
         hidden = self._forward(hb)
         if not hb.sample_seqs:
             return _EMPTY
-        logits = self.model.compute_logits(hidden)
-        sampled, logprob, top_ids, top_lps = self._sample(logits, hb.sample_seqs, eos_token_ids)
+        if self._fast_greedy(hb.sample_seqs):
+            sampled, logprob = greedy_sample(self.model.compute_logits(hidden, upcast=False))
+            top_ids = top_lps = None
+        else:
+            logits = self.model.compute_logits(hidden)
+            sampled, logprob, top_ids, top_lps = self._sample(logits, hb.sample_seqs, eos_token_ids)
         self._prev_sampled = sampled
         self._prev_rows = {s.seq_id: i for i, s in enumerate(hb.sample_seqs)}
         event = None

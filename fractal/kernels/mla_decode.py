@@ -19,6 +19,9 @@ from fractal.kernels.paged_attention import _NUM_SMS, choose_splits, merge_split
 
 # launch tuning; see docs/perf-notes.md for the sweep that chose it
 DEFAULT_CONFIG = dict(BLOCK_N=32, num_warps=4, num_stages=2, min_chunk=64, max_splits=16, programs_per_sm=2)
+# one sequence: 32 one-tile chunks instead of 16 two-tile ones (round 6, H100 graph replay, ctx 1024: 13.5 vs 15.2 us;
+# no gain from it at B >= 8)
+SINGLE_SEQ_CONFIG = dict(min_chunk=32, max_splits=32)
 
 if HAS_TRITON:
     from fractal.kernels._triton_support import tl, triton
@@ -135,6 +138,8 @@ def mla_decode(
         raise FractalError("mla_decode needs a contiguous last dim in q_latent, q_rope and latent_cache")
     page = latent_cache.shape[1]
     cfg = dict(DEFAULT_CONFIG, BLOCK_H=16 if H <= 16 else 32)
+    if B == 1:
+        cfg.update(SINGLE_SEQ_CONFIG)
     cfg.update(config or {})
     hblocks = triton.cdiv(H, cfg["BLOCK_H"])
     splits, chunk = choose_splits(B * hblocks, max_seq_len, cfg["BLOCK_N"], cfg["min_chunk"],

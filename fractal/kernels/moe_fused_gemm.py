@@ -229,6 +229,7 @@ DOWN_CONFIG = (64, 128, 4, 4)
 # Round 5 (moe_mid bench): the 64-row mid config lost to grouped_mm at 64-72 rows per expert (dsv2lite T=768
 # 591 vs 548 us, qwen3moe T=1024 609 vs 603) while the large config won from 96 (T=1024 484 vs 558): the large
 # config now starts above 48 mean rows per expert (48 itself stays 32-row blocks: T=512 481 vs 508 us).
+MID_MAX_ROWS_PER_EXPERT = 48       # BLOCK_M 32 up to this mean pairs per expert, 64 above
 LARGE_MIN_ROWS_PER_EXPERT = 49     # mean pairs per expert from which the large config is used
 LARGE_BLOCK_M = 128
 LARGE_GATE_UP_CONFIG = (64, 64, 8, 3)
@@ -245,7 +246,7 @@ def block_m_for(num_pairs: int, num_experts: int) -> int:
     mean = num_pairs / max(1, num_experts)
     if mean >= LARGE_MIN_ROWS_PER_EXPERT:
         return LARGE_BLOCK_M
-    return 16 if mean <= 16 else (32 if mean <= 48 else 64)
+    return 16 if mean <= 16 else (32 if mean <= MID_MAX_ROWS_PER_EXPERT else 64)
 
 
 def launch_configs(num_pairs: int, num_experts: int) -> tuple[int, tuple, tuple, int]:

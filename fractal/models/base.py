@@ -8,7 +8,7 @@ Model interface (what the engine calls):
 - forward(input_ids [T], positions [T], attn_metadata, kv_caches) -> hidden_states [T, hidden]; the batch is
   flattened (see fractal/layers/attention_metadata.py); each layer writes its new K/V (or MLA latents) into
   kv_caches[layer] at attn_metadata.slot_mapping, then attends over cached context + new tokens, causally.
-- compute_logits(hidden_states [N, hidden]) -> float32 [N, vocab].
+- compute_logits(hidden_states [N, hidden], upcast=True) -> float32 [N, vocab] (model dtype with upcast=False).
 - kv_cache_spec() -> KVCacheSpec (layout, dtype, bytes per token; allocate()).
 """
 from __future__ import annotations
@@ -112,9 +112,12 @@ class CausalLM(nn.Module):
             return self.model.norm(h)
         return self.model.norm(h, residual)[0]
 
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden_states: torch.Tensor, upcast: bool = True) -> torch.Tensor:
+        """[N, vocab] logits: float32, or in the model's dtype with upcast=False (for a reader that converts
+        while it reads, e.g. the greedy sampling kernel; the float32 logits are the same numbers)."""
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return nn.functional.linear(hidden_states, weight).float()
+        logits = nn.functional.linear(hidden_states, weight)
+        return logits.float() if upcast else logits
 
     def kv_cache_spec(self) -> KVCacheSpec:
         attn = self.model.layers[0].self_attn

@@ -117,6 +117,17 @@ def test_kernel_odd_sizes_and_determinism():
 
 
 @kernels_here
+@pytest.mark.parametrize("T,E,H", [(300, 64, 2048), (517, 256, 1024), (1200, 160, 512)])
+def test_kernel_wide_tiles_at_prefill_sizes(T, E, H):
+    """T >= DOT_WIDE_MIN_TOKENS: 64 experts per program (E not a multiple of 64 included)."""
+    assert T >= rg.DOT_WIDE_MIN_TOKENS
+    torch.manual_seed(T + E)
+    x = _nonzero(T, H, device=_KERNEL_DEVICE)
+    w = _nonzero(E, H, device=_KERNEL_DEVICE, scale=0.02)
+    _check(router_logits(x, w), x, w)
+
+
+@kernels_here
 def test_large_batch_falls_back_to_linear():
     torch.manual_seed(6)
     T = ROUTER_KERNEL_MAX_TOKENS + 1
