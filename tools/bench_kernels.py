@@ -284,23 +284,29 @@ def bench_moe_mid():
 
 
 def bench_r6_moe():
-    """Round 6: MoE at decode b=256..768 (BLOCK_M 32 vs 64) against grouped_mm."""
+    """Round 6: MoE at decode sizes, the block-size thresholds (16|32|64 rows by mean rows per expert) swept,
+    against grouped_mm."""
     import fractal.kernels.moe_fused_gemm as mfg
     from fractal.kernels.moe_experts import fused_experts, fused_experts_ref
 
     for name, E, H, I, k in MOE_SHAPES:
         w13 = (torch.randn(E, 2 * I, H, device="cuda") / H ** 0.5).to(BF16)
         w2 = (torch.randn(E, H, I, device="cuda") / I ** 0.5).to(BF16)
-        for T in (256, 384, 512, 768):
+        for T in (64, 128, 192, 256, 512):
             x, ids, w, b, f = _moe_case(E, H, I, k, T)
             ref = fused_experts_ref(x, w13, w2, w, ids)
-            for label, mid in (("triton bm<=48:32", 48), ("triton bm<=32:32", 32), ("triton bm<=24:32", 24)):
-                def fn(mid=mid):
-                    old, mfg.MID_MAX_ROWS_PER_EXPERT = mfg.MID_MAX_ROWS_PER_EXPERT, mid
+            for label, small, mid in (("triton 16|32|64 at <=16|48", 16, 48), ("at <=16|32", 16, 32),
+                                      ("at <=8|48", 8, 48), ("at <=12|48", 12, 48)):
+                def fn(small=small, mid=mid):
+                    names = ("SMALL_MAX_ROWS_PER_EXPERT", "MID_MAX_ROWS_PER_EXPERT", "WIDE_MID_MAX_ROWS_PER_EXPERT")
+                    old = [getattr(mfg, a) for a in names]
+                    for a, v in zip(names, (small, mid, mid)):
+                        setattr(mfg, a, v)
                     try:
                         return fused_experts(x, w13, w2, w, ids, backend="triton")
                     finally:
-                        mfg.MID_MAX_ROWS_PER_EXPERT = old
+                        for a, v in zip(names, old):
+                            setattr(mfg, a, v)
                 row("moe_r6", f"{name} T={T} E={E} k={k}", label, fn, b, f, rel(fn(), ref))
             fn = lambda: fused_experts(x, w13, w2, w, ids, backend="grouped_mm")  # noqa: E731
             row("moe_r6", f"{name} T={T} E={E} k={k}", "grouped_mm", fn, b, f, rel(fn(), ref))

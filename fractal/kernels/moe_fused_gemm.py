@@ -4,9 +4,10 @@ Layouts as in moe_experts (w13 [E, 2I, H] gate rows then up rows, w2 [E, H, I]; 
 Pipeline (four launches + the combine kernel of moe_experts; no host sync, graph-capturable):
   1. _align_count_kernel  one program per chunk of C pairs: the chunk's per-expert counts -> chunk_counts[g, e],
                           each pair's rank among the chunk's pairs of its expert -> rank[pair].
-  2. _align_scatter_kernel one program per chunk: totals and the chunk's prefix from chunk_counts, so
+  2. _align_scatter_kernel max(chunks, slots / P) programs: totals and the chunk's prefix from chunk_counts, so
                           sorted_ids[pstart[e] + prefix[g, e] + rank] = pair (the stable sort order, as
-                          torch.sort(stable=True) gives); also the padding slots (= n) and block_expert.
+                          torch.sort(stable=True) gives); each program also marks the padding slots (= n) of
+                          its P slots and writes block_expert for the blocks starting there.
   3. _gate_up_silu_kernel  per (block of BLOCK_M sorted rows of one expert, BLOCK_N columns of I): both the gate
                           and the up tile over K = H, then silu(gate) * up in the epilogue -> a [n, I]
                           (h = x @ w13^T never reaches memory; gate and up are rounded to the dtype first, as
@@ -41,7 +42,7 @@ if HAS_TRITON:
         tl.store(chunk_counts_ptr + g * EP + e, tl.sum(onehot, 0))
 
     # sizes that change every step are not specialised on (no recompile per value class)
-    @triton.jit(do_not_specialize=["n", "total_len"])
+    @triton.jit(do_not_specialize=["n", "G", "total_len"])
     def _align_scatter_kernel(ids_ptr, chunk_counts_ptr, rank_ptr, sorted_ptr, block_expert_ptr, n, E, G, total_len,
                               EP: tl.constexpr, C: tl.constexpr, GC: tl.constexpr, P: tl.constexpr,
                               BLOCK_M: tl.constexpr):
@@ -58,26 +59,25 @@ if HAS_TRITON:
         padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
         pend = tl.cumsum(padded, 0)
         pstart = pend - padded
-        # this chunk's pairs to their sorted slots
+        # chunk g's pairs to their sorted slots (programs g >= G have no chunk)
         p = g * C + tl.arange(0, C)
-        pm = p < n
+        pm = (p < n) & (g < G)
         ids = tl.load(ids_ptr + p, mask=pm, other=-1)
         onehot = (ids[:, None] == e[None, :]).to(tl.int32)
         base = tl.sum(onehot * (pstart + before)[None, :], 1)
         dest = base + tl.load(rank_ptr + p, mask=pm, other=0)
         tl.store(sorted_ptr + dest, p, mask=pm)
-        # padding slots in this program's share of [0, total_len), and the expert of every block starting there
-        share = tl.cdiv(tl.cdiv(total_len, G), BLOCK_M) * BLOCK_M
-        for q0 in range(g * share, tl.minimum((g + 1) * share, total_len), P):
-            q = q0 + tl.arange(0, P)
-            qm = q < tl.minimum((g + 1) * share, total_len)
-            e_of = tl.sum(((pend[None, :] <= q[:, None]) & emask[None, :]).to(tl.int32), 1)   # E past the end
-            sel = (e[None, :] == e_of[:, None]).to(tl.int32)
-            start = tl.sum(sel * pstart[None, :], 1)
-            cnt = tl.sum(sel * counts[None, :], 1)
-            pad = (e_of >= E) | (q - start >= cnt)
-            tl.store(sorted_ptr + q, tl.zeros_like(q) + n, mask=qm & pad)
-            tl.store(block_expert_ptr + q // BLOCK_M, e_of, mask=qm & (q % BLOCK_M == 0))
+        # slots [g * P, (g + 1) * P) of [0, total_len): padding marks, and the expert of every block starting there
+        # (one tile per program: the grid covers max(G, total_len / P) programs, so no program loops over slots)
+        q = g * P + tl.arange(0, P)
+        qm = q < total_len
+        e_of = tl.sum(((pend[None, :] <= q[:, None]) & emask[None, :]).to(tl.int32), 1)   # E past the end
+        sel = (e[None, :] == e_of[:, None]).to(tl.int32)
+        start = tl.sum(sel * pstart[None, :], 1)
+        cnt = tl.sum(sel * counts[None, :], 1)
+        pad = (e_of >= E) | (q - start >= cnt)
+        tl.store(sorted_ptr + q, tl.zeros_like(q) + n, mask=qm & pad)
+        tl.store(block_expert_ptr + q // BLOCK_M, e_of, mask=qm & (q % BLOCK_M == 0))
 
     @triton.jit
     def _tile_of(num_pid_m, num_pid_n, group_m):
@@ -214,9 +214,11 @@ def moe_align_triton(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> 
     chunk_counts = torch.empty(G, EP, dtype=torch.int32, device=dev)
     rank = torch.empty(max(n, 1), dtype=torch.int32, device=dev)
     _align_count_kernel[(G,)](ids, chunk_counts, rank, n, num_experts, EP=EP, C=C, num_warps=4)
-    _align_scatter_kernel[(G,)](ids, chunk_counts, rank, sorted_ids, block_expert, n, num_experts, G, total_len,
-                                EP=EP, C=C, GC=max(1, min(64, 4096 // EP)), P=max(16, min(128, 8192 // EP)),
-                                BLOCK_M=block_m, num_warps=4)
+    P = max(16, min(128, 8192 // EP))          # slots per program: a [P, EP] compare tile
+    programs = max(G, -(-total_len // P))
+    _align_scatter_kernel[(programs,)](ids, chunk_counts, rank, sorted_ids, block_expert, n, num_experts, G,
+                                       total_len, EP=EP, C=C, GC=max(1, min(64, 4096 // EP)), P=P,
+                                       BLOCK_M=block_m, num_warps=4)
     return sorted_ids, block_expert
 
 
@@ -229,7 +231,14 @@ DOWN_CONFIG = (64, 128, 4, 4)
 # Round 5 (moe_mid bench): the 64-row mid config lost to grouped_mm at 64-72 rows per expert (dsv2lite T=768
 # 591 vs 548 us, qwen3moe T=1024 609 vs 603) while the large config won from 96 (T=1024 484 vs 558): the large
 # config now starts above 48 mean rows per expert (48 itself stays 32-row blocks: T=512 481 vs 508 us).
+# Round 6 (tools/bench_kernels.py --only r6moe, graph replay, us per layer): 32-row blocks from 13 rows per expert
+# (qwen3moe T=256, 16 rows: 450 vs 461 with 16-row blocks; dsv2lite T=128, 12 rows: equal); wide experts
+# (I >= 1024) take 64-row blocks from 41 rows (dsv2lite T=512, 48 rows: 461-468 vs 480-482 with 32; T=384, 36 rows:
+# 447 vs 454 the other way), narrow ones stay at 32 up to 48 (qwen3moe T=768: 537 vs 579 with 64).
+SMALL_MAX_ROWS_PER_EXPERT = 12     # BLOCK_M 16 up to this mean pairs per expert
 MID_MAX_ROWS_PER_EXPERT = 48       # BLOCK_M 32 up to this mean pairs per expert, 64 above
+WIDE_EXPERT_MIN_INTER = 1024
+WIDE_MID_MAX_ROWS_PER_EXPERT = 40  # ... for experts with intermediate size >= WIDE_EXPERT_MIN_INTER
 LARGE_MIN_ROWS_PER_EXPERT = 49     # mean pairs per expert from which the large config is used
 LARGE_BLOCK_M = 128
 LARGE_GATE_UP_CONFIG = (64, 64, 8, 3)
@@ -240,19 +249,20 @@ XL_DOWN_CONFIG = (256, 64, 8, 3)
 LARGE_GROUP_M = 8
 
 
-def block_m_for(num_pairs: int, num_experts: int) -> int:
+def block_m_for(num_pairs: int, num_experts: int, inter: int = 0) -> int:
     """Rows per block: about the mean rows per expert, 16..64 (tl.dot needs >= 16); LARGE_BLOCK_M from
-    LARGE_MIN_ROWS_PER_EXPERT on."""
+    LARGE_MIN_ROWS_PER_EXPERT on. inter = the experts' intermediate size (wide experts switch to 64 earlier)."""
     mean = num_pairs / max(1, num_experts)
     if mean >= LARGE_MIN_ROWS_PER_EXPERT:
         return LARGE_BLOCK_M
-    return 16 if mean <= 16 else (32 if mean <= MID_MAX_ROWS_PER_EXPERT else 64)
+    mid = WIDE_MID_MAX_ROWS_PER_EXPERT if inter >= WIDE_EXPERT_MIN_INTER else MID_MAX_ROWS_PER_EXPERT
+    return 16 if mean <= SMALL_MAX_ROWS_PER_EXPERT else (32 if mean <= mid else 64)
 
 
-def launch_configs(num_pairs: int, num_experts: int) -> tuple[int, tuple, tuple, int]:
-    """(block_m, gate/up config, down config, group_m) for num_pairs pairs over num_experts experts.
-    group_m 0 = no swizzle (round 3's launch order)."""
-    bm = block_m_for(num_pairs, num_experts)
+def launch_configs(num_pairs: int, num_experts: int, inter: int = 0) -> tuple[int, tuple, tuple, int]:
+    """(block_m, gate/up config, down config, group_m) for num_pairs pairs over num_experts experts of
+    intermediate size inter. group_m 0 = no swizzle (round 3's launch order)."""
+    bm = block_m_for(num_pairs, num_experts, inter)
     mean = num_pairs / max(1, num_experts)
     if mean >= XL_MIN_ROWS_PER_EXPERT:
         return bm, XL_GATE_UP_CONFIG, XL_DOWN_CONFIG, LARGE_GROUP_M
@@ -268,7 +278,7 @@ def fused_moe_mlp(hidden, w13, w2, topk_ids, block_m=None, gate_up_config=None, 
     E, two_i, H = w13.shape
     I = two_i // 2
     n = T * k
-    d_bm, d_gu, d_dn, d_gm = launch_configs(n, E)
+    d_bm, d_gu, d_dn, d_gm = launch_configs(n, E, I)
     block_m = block_m or d_bm
     group_m = d_gm if group_m is None else group_m
     sorted_ids, block_expert = moe_align_triton(topk_ids, E, block_m)

@@ -66,7 +66,7 @@ if HAS_TRITON:
             acc += xv * wv  # bf16 x bf16 is exact in float32
         logits = tl.sum(acc, axis=2)
         o_ptrs = out_ptr + offs_t.to(tl.int64)[:, None] * stride_ot + offs_e[None, :]
-        tl.store(o_ptrs, logits, mask=tmask[:, None] & emask[None, :])
+        tl.store(o_ptrs, logits.to(out_ptr.dtype.element_ty), mask=tmask[:, None] & emask[None, :])
 
     # sizes that change every step are not specialised on (no recompile per value class)
     @triton.jit(do_not_specialize=["T"])
@@ -96,12 +96,12 @@ if HAS_TRITON:
             x_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
         o_ptrs = out_ptr + offs_t.to(tl.int64)[:, None] * stride_ot + offs_e[None, :]
-        tl.store(o_ptrs, acc, mask=tmask[:, None] & emask[None, :])
+        tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=tmask[:, None] & emask[None, :])
 
 
-def router_logits_ref(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The float32 linear (HF DeepSeek's gate): float32 [T, E]."""
-    return torch.nn.functional.linear(x.float(), weight.float())
+def router_logits_ref(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The float32 linear (HF DeepSeek's gate): float32 [T, E]; rounded to out_dtype if that is not float32."""
+    return torch.nn.functional.linear(x.float(), weight.float()).to(out_dtype)
 
 
 def _fma_tiles(T: int, E: int, H: int) -> tuple[int, int, int, int]:
@@ -126,16 +126,18 @@ def uses_fma(T: int, E: int, H: int) -> bool:
     return T <= FMA_MAX_TOKENS and T * E * H <= FMA_MAX_WORK
 
 
-def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """float32 logits [T, E] = x [T, H] @ weight [E, H]^T with float32 accumulation (one Triton launch on CUDA for
-    T <= ROUTER_KERNEL_MAX_TOKENS; the float32 torch linear elsewhere). See the module docstring."""
+def router_logits(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """logits [T, E] = x [T, H] @ weight [E, H]^T with float32 accumulation (one Triton launch on CUDA for
+    T <= ROUTER_KERNEL_MAX_TOKENS; the float32 torch linear elsewhere). See the module docstring.
+    out_dtype: float32 (DeepSeek's float32 gate), or x's 16-bit dtype for a plain 16-bit gate (Qwen3-MoE,
+    Mixtral): the float32 sum rounded once on store, as a 16-bit GEMM with float32 accumulation rounds it."""
     T, H = x.shape
     E, H_w = weight.shape
     if H != H_w:
         raise ValueError(f"router_logits: x has {H} features but weight has {H_w}")
     if T > ROUTER_KERNEL_MAX_TOKENS or not use_triton(x, weight):
-        return router_logits_ref(x, weight)
-    out = torch.empty(T, E, dtype=torch.float32, device=x.device)
+        return router_logits_ref(x, weight, out_dtype)
+    out = torch.empty(T, E, dtype=out_dtype, device=x.device)
     if T == 0 or E == 0:
         return out
     if x.stride(-1) != 1:
@@ -150,7 +152,7 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
             H=H, BLOCK_T=bt, BLOCK_E=be, BLOCK_K=bk, num_warps=nw,
         )
     elif x.dtype != weight.dtype or x.dtype == torch.float32:
-        return router_logits_ref(x, weight)  # an IEEE float32 dot is far slower than cuBLAS
+        return router_logits_ref(x, weight, out_dtype)  # an IEEE float32 dot is far slower than cuBLAS
     else:
         bt, be, bk, nw, ns = _dot_tiles(T, E, H)
         # Triton's CPU interpreter mis-handles bf16 dots: there the operands go through float32 (exact for 16-bit)

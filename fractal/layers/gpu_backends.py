@@ -317,15 +317,17 @@ class FastGatedMLP(GatedMLP):
 
 
 class FastRouter(Router):
-    """A float32 router (DeepSeek): with a bf16/fp16 weight, kernels.router_gemm.router_logits (16-bit operands,
-    exact float32 products and accumulation: one launch, no float32 copy of x); else the float32 linear on a
-    weight converted once, not on every step."""
+    """Router logits through kernels.router_gemm.router_logits (16-bit operands, exact float32 products and
+    accumulation: one launch). A float32 router (DeepSeek) gets the float32 logits with no float32 copy of x; a
+    16-bit router (Qwen3-MoE) gets them rounded once to x's dtype, as its bf16 linear rounds them (one small
+    launch instead of a cuBLAS GEMM sized for large matrices). Without the kernel a float32 router runs the
+    float32 linear on a weight converted once, not on every step."""
 
     weight_fp32: torch.Tensor | None = None  # set by accelerate_model only where the kernel cannot run
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight_fp32 is None:
-            return router_logits_kernel(x, self.weight)
+            return router_logits_kernel(x, self.weight, torch.float32 if self.fp32 else x.dtype)
         return torch.nn.functional.linear(x.float(), self.weight_fp32)
 
 
@@ -357,7 +359,9 @@ def accelerate_model(model: torch.nn.Module, max_positions: int | None = None) -
               and device is not None and device.type == "cuda"):
             module.__class__ = FastGatedMLP
             swapped["mlp"] += 1
-        elif type(module) is Router and module.fp32 and module.weight.is_cuda and module.weight.dtype != torch.float32:
+        elif (type(module) is Router and module.weight.is_cuda and module.weight.dtype != torch.float32
+              and (module.fp32 or (router_logits_kernel is not None
+                                   and module.weight.dtype in (torch.bfloat16, torch.float16)))):
             if router_logits_kernel is None or module.weight.dtype not in (torch.bfloat16, torch.float16):
                 module.weight_fp32 = module.weight.detach().float()  # only the torch fallback reads it
             module.__class__ = FastRouter

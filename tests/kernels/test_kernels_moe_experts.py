@@ -217,6 +217,14 @@ def test_launch_configs_pick_large_blocks_by_rows_per_expert():
     assert launch_configs(64 * 6 * 32, 64)[1] != launch_configs(64 * 6 * 128, 64)[1]   # 192 vs 768 rows/expert
 
 
+def test_block_m_by_rows_per_expert_and_expert_width():
+    """Round 6's thresholds: 16-row blocks up to 12 mean rows per expert, then 32; 64 from 41 rows for wide experts
+    (I >= 1024) and from 49 for narrow ones."""
+    assert launch_configs(64 * 12, 64, 1408)[0] == 16 and launch_configs(128 * 16, 128, 768)[0] == 32
+    assert launch_configs(64 * 48, 64, 1408)[0] == 64 and launch_configs(64 * 40, 64, 1408)[0] == 32
+    assert launch_configs(128 * 48, 128, 768)[0] == 32 and launch_configs(128 * 48, 128)[0] == 32
+
+
 @kernels_here
 def test_triton_backend_large_default_config(monkeypatch):
     """fused_experts picks the triton backend past grouped_mm's range when TRITON_LARGE_MIN_PAIRS says so, and

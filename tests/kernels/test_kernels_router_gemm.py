@@ -152,3 +152,43 @@ def test_fast_router_uses_kernel_on_cuda(T):
     x = _nonzero(T, 2048, device="cuda")
     y = router(x)
     _check(y, x, router.weight)
+
+
+@kernels_here
+@pytest.mark.parametrize("T", [1, 7, 64, 300])
+def test_kernel_rounds_to_16bit_out_dtype(T):
+    """out_dtype=bf16 (a 16-bit gate such as Qwen3-MoE's): the float32 sum rounded once, within one bf16 rounding of
+    the exact logits (what a bf16 GEMM with float32 accumulation returns)."""
+    torch.manual_seed(T + 11)
+    x = _nonzero(T, 2048, device=_KERNEL_DEVICE)
+    w = _nonzero(128, 2048, device=_KERNEL_DEVICE, scale=0.02)
+    y = router_logits(x, w, torch.bfloat16)
+    assert y.dtype == torch.bfloat16 and y.shape == (T, 128)
+    exact = x.double() @ w.double().T
+    scale = exact.abs().max().item()
+    # round to nearest on the GPU (<= half a bf16 ulp <= 2^-8 relative); Triton's interpreter truncates (< 1 ulp)
+    rel_round = 2.0 ** -8 if _KERNEL_DEVICE == "cuda" else 2.0 ** -7
+    bound = exact.abs() * rel_round + _tol(T, 128, 2048) * scale
+    assert ((y.double() - exact).abs() <= bound).all()
+    assert torch.equal(router_logits_ref(x, w, torch.bfloat16), router_logits_ref(x, w).to(torch.bfloat16))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fast_router_for_16bit_gate():
+    """A plain (not float32) router on CUDA is swapped too and returns logits in x's dtype."""
+    from fractal.layers.gpu_backends import FastRouter, accelerate_model
+    from fractal.layers.moe import MoEConfig, Router
+
+    router = Router(MoEConfig(hidden_size=2048, num_experts=128, top_k=8, intermediate_size=64, router_fp32=False))
+    torch.manual_seed(2)
+    with torch.no_grad():
+        router.weight.copy_(_nonzero(128, 2048, scale=0.02, dtype=torch.float32))
+    model = torch.nn.Sequential(router).to("cuda", torch.bfloat16)
+    accelerate_model(model)
+    assert type(router) is FastRouter and router.weight_fp32 is None
+    x = _nonzero(64, 2048, device="cuda")
+    y = router(x)
+    ref = torch.nn.functional.linear(x, router.weight)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ref.float(), rtol=2 ** -7, atol=1e-4)
