@@ -328,8 +328,15 @@ def bench_r6_mla():
         "n16s4": dict(BLOCK_N=16, num_stages=4),
         "pps1": dict(programs_per_sm=1),
         "pps4": dict(programs_per_sm=4),
+        "h64": dict(BLOCK_H=64),
+        "h64w8": dict(BLOCK_H=64, num_warps=8),
+        "h64s3": dict(BLOCK_H=64, num_stages=3),
+        "h64n64w8": dict(BLOCK_H=64, BLOCK_N=64, num_warps=8),
+        "h64n64w8s3": dict(BLOCK_H=64, BLOCK_N=64, num_warps=8, num_stages=3),
+        "h64n16": dict(BLOCK_H=64, BLOCK_N=16, num_stages=3),
+        "h32": dict(BLOCK_H=32),
     }
-    for B, ctx in ((1, 1024), (8, 1024), (64, 1024), (256, 640), (512, 640)):
+    for B, ctx in ((1, 1024), (64, 1024), (256, 640), (512, 640)):
         nb, bt, sl = _paged([ctx] * B, page, None)
         cache = torch.randn(nb, page, L + R, dtype=BF16, device="cuda")
         ql = torch.randn(B, H, L, dtype=BF16, device="cuda")
