@@ -15,9 +15,9 @@ AttentionMetadata, so the forward has no host synchronisation and can be capture
 The split-K kernels get `max_seq_len` rounded up to `context_bucket`, the same bound the CUDA-graph runner
 captures with, so eager and replayed decode steps launch the same kernels (identical numerics).
 
-`accelerate_model(model)` swaps RMSNorm (incl. the fused residual add), RotaryEmbedding, GatedMLP and float32
-Router instances for subclasses whose forward calls the Triton kernels (same parameters, same results up to
-rounding): fewer, larger kernels.
+`accelerate_model(model)` swaps RMSNorm (incl. the fused residual add), RotaryEmbedding, GatedMLP, Router,
+GQAAttention and MLAttention instances for subclasses whose forward calls the Triton kernels (same parameters, same results up
+to rounding): fewer, larger kernels.
 """
 from __future__ import annotations
 
@@ -68,6 +68,11 @@ try:
     from fractal.kernels.router_gemm import router_logits as router_logits_kernel
 except ImportError:  # pragma: no cover
     router_logits_kernel = None
+
+from fractal.kernels.mla_prep import mla_prep_  # noqa: E402
+from fractal.kernels.qkv_prep import qkv_prep_  # noqa: E402
+from fractal.layers.attention import GQAAttention  # noqa: E402
+from fractal.layers.mla import MLAttention  # noqa: E402
 
 MIN_CONTEXT_BUCKET = 1024
 
@@ -341,6 +346,49 @@ class FastRotaryEmbedding(RotaryEmbedding):
         return q, k
 
 
+class FastGQAAttention(GQAAttention):
+    """GQA attention whose q/k RMSNorm (Qwen3), RoPE and KV-cache write run as one kernel on the qkv GEMM's output
+    (kernels.qkv_prep: in place, q and k stay views of it); then the backend's attention and o_proj as before."""
+
+    def forward(self, positions, x, kv_cache, meta):
+        cfg = self.cfg
+        norms = (self.q_norm, self.k_norm) if cfg.qk_norm else (None, None)
+        q, _, _ = qkv_prep_(
+            self.qkv_proj(x), positions, self.rotary.cos_sin_cache, self.rotary.cfg.style, self.rotary.cfg.rotary_dim,
+            cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, kv_cache, meta.slot_mapping,
+            q_norm_weight=None if norms[0] is None else norms[0].weight,
+            k_norm_weight=None if norms[1] is None else norms[1].weight,
+            eps=norms[0].eps if cfg.qk_norm else 1e-6,
+        )
+        out = self.backend.gqa_attention(q, kv_cache, meta, self.scale)
+        return self.o_proj(out.reshape(-1, cfg.num_heads * cfg.head_dim))
+
+
+class FastMLAttention(MLAttention):
+    """MLA whose RoPE (q and k rope parts) and latent-cache write (kv_a_layernorm + [latent | k_rope]) run as one
+    kernel (kernels.mla_prep), in place on the projection output."""
+
+    def rope_and_cache(self, positions, q, kv_a, kv_cache, meta):
+        cfg = self.cfg
+        mla_prep_(q, kv_a, positions, self.rotary.cos_sin_cache, self.rotary.cfg.style, self.kv_a_layernorm.weight,
+                  self.kv_a_layernorm.eps, kv_cache, meta.slot_mapping)
+        return q.split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
+
+
+def _fusable_mla(module: MLAttention) -> bool:
+    return (isinstance(module.backend, TritonAttentionBackend) and type(module.rotary) is FastRotaryEmbedding
+            and isinstance(module.kv_a_layernorm, RMSNorm) and write_mla_kernel is not None)
+
+
+def _fusable_gqa(module: GQAAttention) -> bool:
+    """The fused prep applies: the Triton backend (its cache layout and attention), the kernel RoPE table, and plain
+    RMSNorm q/k norms."""
+    norms_ok = not module.cfg.qk_norm or all(isinstance(n, RMSNorm) and n.weight.dim() == 1
+                                             for n in (module.q_norm, module.k_norm))
+    return (isinstance(module.backend, TritonAttentionBackend) and type(module.rotary) is FastRotaryEmbedding
+            and norms_ok and write_kv_kernel is not None)
+
+
 def accelerate_model(model: torch.nn.Module, max_positions: int | None = None) -> dict[str, int]:
     """Swap RMSNorm / RotaryEmbedding / GatedMLP / float32 Router modules for kernel-backed subclasses and fuse
     MLA's input projections (CUDA only).
@@ -348,7 +396,7 @@ def accelerate_model(model: torch.nn.Module, max_positions: int | None = None) -
     max_positions bounds the RoPE table (default: each RopeConfig's max_position_embeddings).
     Returns how many modules of each kind were swapped.
     """
-    swapped = {"rmsnorm": 0, "rotary": 0, "mlp": 0, "router": 0, "fused_input_gemm": 0}
+    swapped = {"rmsnorm": 0, "rotary": 0, "mlp": 0, "router": 0, "fused_input_gemm": 0, "gqa_prep": 0, "mla_prep": 0}
     tables: dict = {}
     for module in model.modules():
         device = next((p.device for p in module.parameters()), None)
@@ -382,4 +430,11 @@ def accelerate_model(model: torch.nn.Module, max_positions: int | None = None) -
                 module.__class__ = FastRotaryEmbedding
                 module.cos_sin_cache = tables[key]
                 swapped["rotary"] += 1
+        for module in model.modules():  # after the RoPE swap: the fused prep reads its table
+            if type(module) is GQAAttention and _fusable_gqa(module):
+                module.__class__ = FastGQAAttention
+                swapped["gqa_prep"] += 1
+            elif type(module) is MLAttention and _fusable_mla(module):
+                module.__class__ = FastMLAttention
+                swapped["mla_prep"] += 1
     return swapped

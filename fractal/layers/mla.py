@@ -82,6 +82,17 @@ class MLAttention(nn.Module):
                     second.bias.data = bias[n1:]
         self.fused_input = (weight, bias, [n1, n2])
 
+    def rope_and_cache(self, positions, q, kv_a, kv_cache, meta) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE on q's and kv_a's rope parts, and the cache write of [kv_a_layernorm(latent) | k_rope];
+        returns (q_nope, q_rope)."""
+        cfg = self.cfg
+        q_nope, q_rope = q.split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
+        latent, k_rope = kv_a.split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
+        q_rope, k_rope = self.rotary(positions, q_rope, k_rope[:, None, :])
+        # the latent is used only through the cache: its RMSNorm goes with the write (one kernel on the GPU path)
+        self.backend.write_mla(kv_cache, latent, k_rope[:, 0, :], meta.slot_mapping, norm=self.kv_a_layernorm)
+        return q_nope, q_rope
+
     def kv_token_shape(self) -> tuple[int, ...]:
         return (self.cfg.kv_lora_rank + self.cfg.qk_rope_head_dim,)
 
@@ -104,11 +115,7 @@ class MLAttention(nn.Module):
         if cfg.q_lora_rank is not None:
             q = self.q_b_proj(self.q_a_layernorm(q))
         q = q.view(-1, cfg.num_heads, cfg.qk_head_dim)
-        q_nope, q_rope = q.split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
-        latent, k_rope = kv_a.split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
-        q_rope, k_rope = self.rotary(positions, q_rope, k_rope[:, None, :])
-        # the latent is used only through the cache: its RMSNorm goes with the write (one kernel on the GPU path)
-        self.backend.write_mla(kv_cache, latent, k_rope[:, 0, :], meta.slot_mapping, norm=self.kv_a_layernorm)
+        q_nope, q_rope = self.rope_and_cache(positions, q, kv_a, kv_cache, meta)
         w_uk, w_uv = self.absorbed_weights()
         absorb = self.mode == "absorb" or (self.mode == "auto" and meta.is_decode_only)
         attend = self.backend.mla_decode if absorb else self.backend.mla_prefill

@@ -79,6 +79,9 @@ def test_fast_path_matches_plain_path(model_path, dtype):
     runner = held[0].engine.runner
     assert runner.model.attention_backend.name == "triton"
     assert runner.fast_modules["rmsnorm"] > 0 and runner.fast_modules["rotary"] > 0
+    # q/k norm (Qwen3) + RoPE + KV write in one kernel per layer (MLA: RoPE + latent norm + cache write)
+    prep = "mla_prep" if runner.model.config.uses_mla else "gqa_prep"
+    assert runner.fast_modules[prep] == runner.model.config.num_layers
     if runner.model.config.moe is not None:
         assert runner.model.moe_backend.name == "triton"
     assert runner.graphs is not None and runner.graphs.num_replays > 0 and not runner.graphs.failed
