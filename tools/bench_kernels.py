@@ -313,6 +313,23 @@ def bench_r6_moe():
         del w13, w2
 
 
+def bench_r6_large():
+    """Round 6: prefill-chunk sizes of preempting / mixed steps (8k-50k pairs): the Triton path with its config for
+    the size against grouped_mm."""
+    from fractal.kernels.moe_experts import fused_experts, fused_experts_ref
+
+    for name, E, H, I, k in MOE_SHAPES:
+        w13 = (torch.randn(E, 2 * I, H, device="cuda") / H ** 0.5).to(BF16)
+        w2 = (torch.randn(E, H, I, device="cuda") / I ** 0.5).to(BF16)
+        for T in (1024, 2048, 3072, 4096, 6144):
+            x, ids, w, b, f = _moe_case(E, H, I, k, T)
+            ref = fused_experts_ref(x, w13, w2, w, ids)
+            for backend in ("triton", "grouped_mm"):
+                fn = lambda backend=backend: fused_experts(x, w13, w2, w, ids, backend=backend)  # noqa: E731
+                row("moe_r6large", f"{name} T={T} E={E} k={k}", backend, fn, b, f, rel(fn(), ref))
+        del w13, w2
+
+
 def bench_r6_mla():
     """Round 6: MLA decode launch configs (and the transposed-load variant) at b=1/8/64/256/512."""
     from fractal.kernels.mla_decode import mla_decode
@@ -551,6 +568,7 @@ def bench_sweep():
 SECTIONS["sweep"] = bench_sweep
 SECTIONS["r6moe"] = bench_r6_moe
 SECTIONS["r6mla"] = bench_r6_mla
+SECTIONS["r6large"] = bench_r6_large
 SECTIONS["moe_sweep"] = bench_moe_sweep
 SECTIONS["moe_large"] = bench_moe_large
 SECTIONS["moe_mid"] = bench_moe_mid
@@ -578,7 +596,7 @@ def main(argv: list[str] | None = None) -> int:
     measure_ceilings()
     only = [s for s in args.only.split(",") if s]
     for name, fn in SECTIONS.items():
-        if (only and name not in only) or (not only and name in ("sweep", "moe_sweep", "moe_large", "moe_mid", "r6moe", "r6mla")):  # sweeps only when asked for
+        if (only and name not in only) or (not only and name in ("sweep", "moe_sweep", "moe_large", "moe_mid", "r6moe", "r6mla", "r6large")):  # sweeps only when asked for
             continue
         print(f"[{name}]", flush=True)
         try:

@@ -408,8 +408,10 @@ SHARED_IN_GEMV_MAX_TOKENS = 4  # shared experts inside the gemv launches up to h
 # Python-launched kernels per eager MoE layer are the candidates, not separated (docs/perf-notes.md, round 5).
 # Round 6 (compiles gone from the runs): graph replay at 2.3k-6k pairs, Triton vs grouped_mm per layer: dsv2lite
 # T=384/512/768 447/482/475 vs 502/509/548 us, qwen3moe T=384/512/768 464/482/537 vs 542/546/584 us, and a
-# DeepSeek b=512 decode step 21.17 vs 21.99 ms: the limit now covers decode up to b=768 (k=8) / b=1024 (k=6).
-TRITON_MAX_PAIRS = 6144
+# DeepSeek b=512 decode step 21.17 vs 21.99 ms. R6-10 at prefill-chunk sizes (T tokens, us per layer, Triton vs
+# grouped_mm): dsv2lite T=1024/2048/3072/4096/6144 474/651/914/1072/1486 vs 560/674/1011/1084/1621, qwen3moe
+# 514/625/789/960/1326 vs 603/786/786/973/1286; round 4 measured T=8192 far behind (both shapes). Limit: 32k pairs.
+TRITON_MAX_PAIRS = 32768
 # Round 4: the Triton GEMM again from here on, with its large-T config (moe_fused_gemm.launch_configs); None = off.
 # Off: R4-1 measured it ahead only at 12-16k pairs (qwen3moe T=2048 -22 %, dsv2lite T=2048 ~tie), behind at
 # 49-65k pairs (T=8192), and the engine rows slower with it on from 4096 pairs (docs/perf-notes.md, Round 4).

@@ -93,7 +93,7 @@ if HAS_TRITON:
         return pid_m, pid_n
 
     # sizes that change every step are not specialised on (no recompile per value class)
-    @triton.jit(do_not_specialize=["num_valid", "num_pid_m"])
+    @triton.jit(do_not_specialize=["num_valid", "num_pid_m", "group_m"])
     def _gate_up_silu_kernel(
         x_ptr, w_ptr, out_ptr, sorted_ids_ptr, block_expert_ptr,
         I, K, num_valid, a_row_div, stride_xm, stride_we, stride_wn, stride_om, num_pid_m, num_pid_n, group_m,
@@ -133,7 +133,7 @@ if HAS_TRITON:
         tl.store(o_ptrs, act.to(dt), mask=rmask[:, None] & nmask[None, :])
 
     # sizes that change every step are not specialised on (no recompile per value class)
-    @triton.jit(do_not_specialize=["num_valid", "num_pid_m"])
+    @triton.jit(do_not_specialize=["num_valid", "num_pid_m", "group_m"])
     def _down_kernel(
         a_ptr, w_ptr, out_ptr, sorted_ids_ptr, block_expert_ptr,
         N, K, num_valid, stride_am, stride_we, stride_wn, stride_om, num_pid_m, num_pid_n, group_m,
@@ -236,10 +236,9 @@ DOWN_CONFIG = (64, 128, 4, 4)
 # (I >= 1024) take 64-row blocks from 41 rows (dsv2lite T=512, 48 rows: 461-468 vs 480-482 with 32; T=384, 36 rows:
 # 447 vs 454 the other way), narrow ones stay at 32 up to 48 (qwen3moe T=768: 537 vs 579 with 64).
 SMALL_MAX_ROWS_PER_EXPERT = 12     # BLOCK_M 16 up to this mean pairs per expert
-MID_MAX_ROWS_PER_EXPERT = 48       # BLOCK_M 32 up to this mean pairs per expert, 64 above
+MID_MAX_ROWS_PER_EXPERT = 48       # BLOCK_M 32 up to this mean pairs per expert; above it the large config
 WIDE_EXPERT_MIN_INTER = 1024
 WIDE_MID_MAX_ROWS_PER_EXPERT = 40  # ... for experts with intermediate size >= WIDE_EXPERT_MIN_INTER
-LARGE_MIN_ROWS_PER_EXPERT = 49     # mean pairs per expert from which the large config is used
 LARGE_BLOCK_M = 128
 LARGE_GATE_UP_CONFIG = (64, 64, 8, 3)
 LARGE_DOWN_CONFIG = (128, 64, 8, 3)
@@ -250,10 +249,12 @@ LARGE_GROUP_M = 8
 
 
 def block_m_for(num_pairs: int, num_experts: int, inter: int = 0) -> int:
-    """Rows per block: about the mean rows per expert, 16..64 (tl.dot needs >= 16); LARGE_BLOCK_M from
-    LARGE_MIN_ROWS_PER_EXPERT on. inter = the experts' intermediate size (wide experts switch to 64 earlier)."""
+    """Rows per block: about the mean rows per expert, 16..64 (tl.dot needs >= 16); LARGE_BLOCK_M above
+    MID_MAX_ROWS_PER_EXPERT (no fractional sliver between the mid and the large configs: each size class is one
+    set of binaries, compiled by the warm-up). inter = the experts' intermediate size (wide experts switch to 64
+    earlier)."""
     mean = num_pairs / max(1, num_experts)
-    if mean >= LARGE_MIN_ROWS_PER_EXPERT:
+    if mean > MID_MAX_ROWS_PER_EXPERT:
         return LARGE_BLOCK_M
     mid = WIDE_MID_MAX_ROWS_PER_EXPERT if inter >= WIDE_EXPERT_MIN_INTER else MID_MAX_ROWS_PER_EXPERT
     return 16 if mean <= SMALL_MAX_ROWS_PER_EXPERT else (32 if mean <= mid else 64)
@@ -266,7 +267,7 @@ def launch_configs(num_pairs: int, num_experts: int, inter: int = 0) -> tuple[in
     mean = num_pairs / max(1, num_experts)
     if mean >= XL_MIN_ROWS_PER_EXPERT:
         return bm, XL_GATE_UP_CONFIG, XL_DOWN_CONFIG, LARGE_GROUP_M
-    if mean >= LARGE_MIN_ROWS_PER_EXPERT:
+    if mean > MID_MAX_ROWS_PER_EXPERT:
         return bm, LARGE_GATE_UP_CONFIG, LARGE_DOWN_CONFIG, LARGE_GROUP_M
     return bm, GATE_UP_CONFIG, DOWN_CONFIG, 0
 
