@@ -5,6 +5,8 @@
     python3 -m fractal.bench.offline_suite --model llama-3.1-8b [--rows gen-n1,decode-b64-1k] [--json out.json]
 
 Weights are random at the real shapes (load_format="dummy"), bf16, greedy, ignore_eos, random prompt ids.
+Engine settings: the peer's batch limits (16384 tokens and 1024 sequences per step, vLLM's offline defaults on an
+H100), gpu_memory_utilization 0.9, no prefix caching, CUDA graphs and overlap on.
 Rows (ROWS):
   startup            engine construction: dummy weights on the GPU, KV pool, CUDA-graph capture
   gen-n{1,64,256,512}  n requests, input 512 / output 256: the whole generate (prefill included); output tok/s
