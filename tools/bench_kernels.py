@@ -266,21 +266,26 @@ def bench_moe_large():
         del w13, w2
 
 
-def bench_moe_mid():
-    """Round 5: decode of 256-512 sequences (1.5k-9k pairs): the Triton path (its config for the size) vs
-    grouped_mm, to place TRITON_MAX_PAIRS."""
+def _moe_triton_vs_grouped(kernel: str, sizes) -> None:
+    """Both shapes at each T in sizes: the Triton path with its config for the size, and grouped_mm."""
     from fractal.kernels.moe_experts import fused_experts, fused_experts_ref
 
     for name, E, H, I, k in MOE_SHAPES:
         w13 = (torch.randn(E, 2 * I, H, device="cuda") / H ** 0.5).to(BF16)
         w2 = (torch.randn(E, H, I, device="cuda") / I ** 0.5).to(BF16)
-        for T in (256, 384, 512, 768, 1024, 1536):
+        for T in sizes:
             x, ids, w, b, f = _moe_case(E, H, I, k, T)
             ref = fused_experts_ref(x, w13, w2, w, ids)
             for backend in ("triton", "grouped_mm"):
                 fn = lambda backend=backend: fused_experts(x, w13, w2, w, ids, backend=backend)  # noqa: E731
-                row("moe_experts", f"{name} T={T} E={E} k={k}", backend, fn, b, f, rel(fn(), ref))
+                row(kernel, f"{name} T={T} E={E} k={k}", backend, fn, b, f, rel(fn(), ref))
         del w13, w2
+
+
+def bench_moe_mid():
+    """Round 5: decode of 256-512 sequences (1.5k-9k pairs): the Triton path (its config for the size) vs
+    grouped_mm, to place TRITON_MAX_PAIRS."""
+    _moe_triton_vs_grouped("moe_experts", (256, 384, 512, 768, 1024, 1536))
 
 
 def bench_r6_moe():
@@ -316,22 +321,12 @@ def bench_r6_moe():
 def bench_r6_large():
     """Round 6: prefill-chunk sizes of preempting / mixed steps (8k-50k pairs): the Triton path with its config for
     the size against grouped_mm."""
-    from fractal.kernels.moe_experts import fused_experts, fused_experts_ref
-
-    for name, E, H, I, k in MOE_SHAPES:
-        w13 = (torch.randn(E, 2 * I, H, device="cuda") / H ** 0.5).to(BF16)
-        w2 = (torch.randn(E, H, I, device="cuda") / I ** 0.5).to(BF16)
-        for T in (1024, 2048, 3072, 4096, 6144):
-            x, ids, w, b, f = _moe_case(E, H, I, k, T)
-            ref = fused_experts_ref(x, w13, w2, w, ids)
-            for backend in ("triton", "grouped_mm"):
-                fn = lambda backend=backend: fused_experts(x, w13, w2, w, ids, backend=backend)  # noqa: E731
-                row("moe_r6large", f"{name} T={T} E={E} k={k}", backend, fn, b, f, rel(fn(), ref))
-        del w13, w2
+    _moe_triton_vs_grouped("moe_r6large", (1024, 2048, 3072, 4096, 6144))
 
 
 def bench_r6_mla():
-    """Round 6: MLA decode launch configs (and the transposed-load variant) at b=1/8/64/256/512."""
+    """Round 6: MLA decode launch configs (tiles, warps, stages, split bounds, 16/32/64-head blocks) at
+    b=1/64/256/512."""
     from fractal.kernels.mla_decode import mla_decode
 
     page, H, L, R = 16, 16, 512, 64
