@@ -349,12 +349,7 @@ def bench_r6_mla():
         "h32": dict(BLOCK_H=32),
     }
     for B, ctx in ((1, 1024), (64, 1024), (256, 640), (512, 640)):
-        nb, bt, sl = _paged([ctx] * B, page, None)
-        cache = torch.randn(nb, page, L + R, dtype=BF16, device="cuda")
-        ql = torch.randn(B, H, L, dtype=BF16, device="cuda")
-        qr = torch.randn(B, H, R, dtype=BF16, device="cuda")
-        b = B * ctx * (L + R) * 2
-        f = 2 * B * H * ctx * (L + R + L)
+        bt, sl, cache, ql, qr, b, f = _mla_case(B, ctx, page, H, L, R)
         base = mla_decode(ql, qr, cache, bt, sl, 0.135, max_seq_len=ctx)
         for name, cfg in configs.items():
             try:
@@ -416,6 +411,16 @@ def bench_mla():
             row("mla_decode", f"dsv2lite B={B} ctx={ctx}", "triton",
                 lambda: mla_decode(ql, qr, cache, bt, sl, 0.135, max_seq_len=ctx), b, f, err)
             del cache
+
+
+def _mla_case(B, ctx, page, H, L, R):
+    """Random latent cache / queries for MLA decode of B sequences of ctx tokens: (block tables, lens, cache,
+    q_latent, q_rope, bytes, flops)."""
+    nb, bt, sl = _paged([ctx] * B, page, None)
+    cache = torch.randn(nb, page, L + R, dtype=BF16, device="cuda")
+    ql = torch.randn(B, H, L, dtype=BF16, device="cuda")
+    qr = torch.randn(B, H, R, dtype=BF16, device="cuda")
+    return bt, sl, cache, ql, qr, B * ctx * (L + R) * 2, 2 * B * H * ctx * (L + R + L)
 
 
 def _causal_pairs(query_lens, ctx_lens):
@@ -504,12 +509,7 @@ def bench_sweep():
 
     page, H, L, R = 16, 16, 512, 64
     for B, ctx in ((64, 4096), (256, 1024), (8, 4096)):
-        nb, bt, sl = _paged([ctx] * B, page, None)
-        cache = torch.randn(nb, page, L + R, dtype=BF16, device="cuda")
-        ql = torch.randn(B, H, L, dtype=BF16, device="cuda")
-        qr = torch.randn(B, H, R, dtype=BF16, device="cuda")
-        b = B * ctx * (L + R) * 2
-        f = 2 * B * H * ctx * (L + R + L)
+        bt, sl, cache, ql, qr, b, f = _mla_case(B, ctx, page, H, L, R)
         for cfg in (dict(BLOCK_N=32, num_warps=4, num_stages=2), dict(BLOCK_N=32, num_warps=4, num_stages=3),
                     dict(BLOCK_N=32, num_warps=8, num_stages=3), dict(BLOCK_N=64, num_warps=8, num_stages=2),
                     dict(BLOCK_N=16, num_warps=4, num_stages=4), dict(BLOCK_N=64, num_warps=4, num_stages=2),
