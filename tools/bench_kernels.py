@@ -159,8 +159,7 @@ def bench_moe():
     from fractal.kernels.moe_experts import _experts_triton_r2, fused_experts, fused_experts_ref
 
     for name, E, H, I, k in MOE_SHAPES:
-        w13 = (torch.randn(E, 2 * I, H, device="cuda") / H ** 0.5).to(BF16)
-        w2 = (torch.randn(E, H, I, device="cuda") / I ** 0.5).to(BF16)
+        w13, w2 = _moe_weights(E, H, I)
         for T in (1, 8, 64, 256, 2048):
             x, ids, w, b, f = _moe_case(E, H, I, k, T)
             ref = fused_experts_ref(x, w13, w2, w, ids)
@@ -201,8 +200,7 @@ def bench_moe_sweep():
     ggu = [(16, 256, 4), (8, 512, 4), (16, 512, 8), (32, 256, 8), (32, 128, 4), (8, 256, 2)]
     gdn = [(32, 256, 4), (16, 512, 4), (64, 128, 4), (16, 256, 2), (64, 256, 8)]
     for name, E, H, I, k in MOE_SHAPES:
-        w13 = (torch.randn(E, 2 * I, H, device="cuda") / H ** 0.5).to(BF16)
-        w2 = (torch.randn(E, H, I, device="cuda") / I ** 0.5).to(BF16)
+        w13, w2 = _moe_weights(E, H, I)
         for T in (64, 256):
             x, ids, w, b, f = _moe_case(E, H, I, k, T)
             base = fused_moe_mlp(x, w13, w2, ids)  # the default config (checked against the reference in [moe])
@@ -244,8 +242,7 @@ def bench_moe_large():
         (128, (64, 64, 4, 4), (128, 64, 4, 4), 8),
     ]
     for name, E, H, I, k in MOE_SHAPES:
-        w13 = (torch.randn(E, 2 * I, H, device="cuda") / H ** 0.5).to(BF16)
-        w2 = (torch.randn(E, H, I, device="cuda") / I ** 0.5).to(BF16)
+        w13, w2 = _moe_weights(E, H, I)
         for T in (2048, 8192):
             x, ids, w, b, f = _moe_case(E, H, I, k, T)
             ref = fused_experts_ref(x, w13, w2, w, ids)
@@ -266,19 +263,29 @@ def bench_moe_large():
         del w13, w2
 
 
-def _moe_triton_vs_grouped(kernel: str, sizes) -> None:
-    """Both shapes at each T in sizes: the Triton path with its config for the size, and grouped_mm."""
+def _moe_weights(E, H, I):
+    """Random bf16 expert weights w13 [E, 2I, H], w2 [E, H, I] at unit output scale."""
+    w13 = (torch.randn(E, 2 * I, H, device="cuda") / H ** 0.5).to(BF16)
+    w2 = (torch.randn(E, H, I, device="cuda") / I ** 0.5).to(BF16)
+    return w13, w2
+
+
+def _moe_triton_vs_grouped(kernel: str, sizes, variants=None) -> None:
+    """Both shapes at each T in sizes: the Triton variants (label -> fn(x, w13, w2, weights, ids); default: the
+    Triton path with its config for the size), then grouped_mm."""
     from fractal.kernels.moe_experts import fused_experts, fused_experts_ref
 
+    if variants is None:
+        variants = {"triton": lambda *a: fused_experts(*a, backend="triton")}
+    variants = dict(variants, grouped_mm=lambda *a: fused_experts(*a, backend="grouped_mm"))
     for name, E, H, I, k in MOE_SHAPES:
-        w13 = (torch.randn(E, 2 * I, H, device="cuda") / H ** 0.5).to(BF16)
-        w2 = (torch.randn(E, H, I, device="cuda") / I ** 0.5).to(BF16)
+        w13, w2 = _moe_weights(E, H, I)
         for T in sizes:
             x, ids, w, b, f = _moe_case(E, H, I, k, T)
             ref = fused_experts_ref(x, w13, w2, w, ids)
-            for backend in ("triton", "grouped_mm"):
-                fn = lambda backend=backend: fused_experts(x, w13, w2, w, ids, backend=backend)  # noqa: E731
-                row(kernel, f"{name} T={T} E={E} k={k}", backend, fn, b, f, rel(fn(), ref))
+            for label, variant in variants.items():
+                fn = lambda variant=variant: variant(x, w13, w2, w, ids)  # noqa: E731
+                row(kernel, f"{name} T={T} E={E} k={k}", label, fn, b, f, rel(fn(), ref))
         del w13, w2
 
 
@@ -292,30 +299,25 @@ def bench_r6_moe():
     """Round 6: MoE at decode sizes, the block-size thresholds (16|32|64 rows by mean rows per expert) swept,
     against grouped_mm."""
     import fractal.kernels.moe_fused_gemm as mfg
-    from fractal.kernels.moe_experts import fused_experts, fused_experts_ref
+    from fractal.kernels.moe_experts import fused_experts
 
-    for name, E, H, I, k in MOE_SHAPES:
-        w13 = (torch.randn(E, 2 * I, H, device="cuda") / H ** 0.5).to(BF16)
-        w2 = (torch.randn(E, H, I, device="cuda") / I ** 0.5).to(BF16)
-        for T in (64, 128, 192, 256, 512):
-            x, ids, w, b, f = _moe_case(E, H, I, k, T)
-            ref = fused_experts_ref(x, w13, w2, w, ids)
-            for label, small, mid in (("triton 16|32|64 at <=16|48", 16, 48), ("at <=16|32", 16, 32),
-                                      ("at <=8|48", 8, 48), ("at <=12|48", 12, 48)):
-                def fn(small=small, mid=mid):
-                    names = ("SMALL_MAX_ROWS_PER_EXPERT", "MID_MAX_ROWS_PER_EXPERT", "WIDE_MID_MAX_ROWS_PER_EXPERT")
-                    old = [getattr(mfg, a) for a in names]
-                    for a, v in zip(names, (small, mid, mid)):
-                        setattr(mfg, a, v)
-                    try:
-                        return fused_experts(x, w13, w2, w, ids, backend="triton")
-                    finally:
-                        for a, v in zip(names, old):
-                            setattr(mfg, a, v)
-                row("moe_r6", f"{name} T={T} E={E} k={k}", label, fn, b, f, rel(fn(), ref))
-            fn = lambda: fused_experts(x, w13, w2, w, ids, backend="grouped_mm")  # noqa: E731
-            row("moe_r6", f"{name} T={T} E={E} k={k}", "grouped_mm", fn, b, f, rel(fn(), ref))
-        del w13, w2
+    names = ("SMALL_MAX_ROWS_PER_EXPERT", "MID_MAX_ROWS_PER_EXPERT", "WIDE_MID_MAX_ROWS_PER_EXPERT")
+
+    def with_thresholds(small, mid):
+        def fn(*args):
+            old = [getattr(mfg, a) for a in names]
+            for a, v in zip(names, (small, mid, mid)):
+                setattr(mfg, a, v)
+            try:
+                return fused_experts(*args, backend="triton")
+            finally:
+                for a, v in zip(names, old):
+                    setattr(mfg, a, v)
+        return fn
+
+    variants = {label: with_thresholds(small, mid) for label, small, mid in (
+        ("triton 16|32|64 at <=16|48", 16, 48), ("at <=16|32", 16, 32), ("at <=8|48", 8, 48), ("at <=12|48", 12, 48))}
+    _moe_triton_vs_grouped("moe_r6", (64, 128, 192, 256, 512), variants)
 
 
 def bench_r6_large():
