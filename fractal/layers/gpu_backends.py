@@ -16,8 +16,8 @@ The split-K kernels get `max_seq_len` rounded up to `context_bucket`, the same b
 captures with, so eager and replayed decode steps launch the same kernels (identical numerics).
 
 `accelerate_model(model)` swaps RMSNorm (incl. the fused residual add), RotaryEmbedding, GatedMLP, Router,
-GQAAttention and MLAttention instances for subclasses whose forward calls the Triton kernels (same parameters, same results up
-to rounding): fewer, larger kernels.
+GQAAttention and MLAttention instances for subclasses whose forward calls the Triton kernels (same parameters,
+same results up to rounding): fewer, larger kernels.
 """
 from __future__ import annotations
 
@@ -352,13 +352,11 @@ class FastGQAAttention(GQAAttention):
 
     def forward(self, positions, x, kv_cache, meta):
         cfg = self.cfg
-        norms = (self.q_norm, self.k_norm) if cfg.qk_norm else (None, None)
+        norms = (dict(q_norm_weight=self.q_norm.weight, k_norm_weight=self.k_norm.weight, eps=self.q_norm.eps)
+                 if cfg.qk_norm else {})
         q, _, _ = qkv_prep_(
             self.qkv_proj(x), positions, self.rotary.cos_sin_cache, self.rotary.cfg.style, self.rotary.cfg.rotary_dim,
-            cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, kv_cache, meta.slot_mapping,
-            q_norm_weight=None if norms[0] is None else norms[0].weight,
-            k_norm_weight=None if norms[1] is None else norms[1].weight,
-            eps=norms[0].eps if cfg.qk_norm else 1e-6,
+            cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, kv_cache, meta.slot_mapping, **norms,
         )
         out = self.backend.gqa_attention(q, kv_cache, meta, self.scale)
         return self.o_proj(out.reshape(-1, cfg.num_heads * cfg.head_dim))
@@ -375,23 +373,20 @@ class FastMLAttention(MLAttention):
         return q.split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
 
 
-def _fusable_mla(module: MLAttention) -> bool:
+def _fusable_attention_input(module: GQAAttention | MLAttention) -> bool:
+    """The fused prep kernels apply: the Triton backend (its cache layouts and attention), the kernel RoPE table,
+    and plain RMSNorms (MLA's latent norm; Qwen3's q/k norms)."""
+    if isinstance(module, MLAttention):
+        norms = [module.kv_a_layernorm]
+    else:
+        norms = [module.q_norm, module.k_norm] if module.cfg.qk_norm else []
     return (isinstance(module.backend, TritonAttentionBackend) and type(module.rotary) is FastRotaryEmbedding
-            and isinstance(module.kv_a_layernorm, RMSNorm) and write_mla_kernel is not None)
-
-
-def _fusable_gqa(module: GQAAttention) -> bool:
-    """The fused prep applies: the Triton backend (its cache layout and attention), the kernel RoPE table, and plain
-    RMSNorm q/k norms."""
-    norms_ok = not module.cfg.qk_norm or all(isinstance(n, RMSNorm) and n.weight.dim() == 1
-                                             for n in (module.q_norm, module.k_norm))
-    return (isinstance(module.backend, TritonAttentionBackend) and type(module.rotary) is FastRotaryEmbedding
-            and norms_ok and write_kv_kernel is not None)
+            and all(isinstance(n, RMSNorm) for n in norms))
 
 
 def accelerate_model(model: torch.nn.Module, max_positions: int | None = None) -> dict[str, int]:
-    """Swap RMSNorm / RotaryEmbedding / GatedMLP / float32 Router modules for kernel-backed subclasses and fuse
-    MLA's input projections (CUDA only).
+    """Swap RMSNorm / RotaryEmbedding / GatedMLP / Router / GQAAttention / MLAttention modules for kernel-backed
+    subclasses and fuse MLA's input projections (CUDA only).
 
     max_positions bounds the RoPE table (default: each RopeConfig's max_position_embeddings).
     Returns how many modules of each kind were swapped.
@@ -407,13 +402,13 @@ def accelerate_model(model: torch.nn.Module, max_positions: int | None = None) -
               and device is not None and device.type == "cuda"):
             module.__class__ = FastGatedMLP
             swapped["mlp"] += 1
-        elif (type(module) is Router and module.weight.is_cuda and module.weight.dtype != torch.float32
-              and (module.fp32 or (router_logits_kernel is not None
-                                   and module.weight.dtype in (torch.bfloat16, torch.float16)))):
-            if router_logits_kernel is None or module.weight.dtype not in (torch.bfloat16, torch.float16):
-                module.weight_fp32 = module.weight.detach().float()  # only the torch fallback reads it
-            module.__class__ = FastRouter
-            swapped["router"] += 1
+        elif type(module) is Router and module.weight.is_cuda and module.weight.dtype != torch.float32:
+            kernel_fits = router_logits_kernel is not None and module.weight.dtype in (torch.bfloat16, torch.float16)
+            if kernel_fits or module.fp32:  # a 16-bit gate without the kernel stays the plain 16-bit linear
+                if not kernel_fits:
+                    module.weight_fp32 = module.weight.detach().float()  # only the torch fallback reads it
+                module.__class__ = FastRouter
+                swapped["router"] += 1
         elif hasattr(module, "fuse_input_projections") and device is not None and device.type == "cuda":
             module.fuse_input_projections()  # MLA: q(_a)_proj and kv_a_proj_with_mqa as one GEMM
             swapped["fused_input_gemm"] += 1
@@ -430,11 +425,10 @@ def accelerate_model(model: torch.nn.Module, max_positions: int | None = None) -
                 module.__class__ = FastRotaryEmbedding
                 module.cos_sin_cache = tables[key]
                 swapped["rotary"] += 1
+        fast_attention = {GQAAttention: (FastGQAAttention, "gqa_prep"), MLAttention: (FastMLAttention, "mla_prep")}
         for module in model.modules():  # after the RoPE swap: the fused prep reads its table
-            if type(module) is GQAAttention and _fusable_gqa(module):
-                module.__class__ = FastGQAAttention
-                swapped["gqa_prep"] += 1
-            elif type(module) is MLAttention and _fusable_mla(module):
-                module.__class__ = FastMLAttention
-                swapped["mla_prep"] += 1
+            fast, key = fast_attention.get(type(module), (None, None))
+            if fast is not None and _fusable_attention_input(module):
+                module.__class__ = fast
+                swapped[key] += 1
     return swapped
