@@ -12,6 +12,9 @@ import os
 import torch
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# streaming multiprocessors of the GPUs the launch heuristics are tuned for (H100 SXM / H200); it only steers
+# split and partial counts, so another GPU gets correct results with a slightly different grid
+NUM_SMS = 132
 
 HAS_TRITON = False
 triton = None  # type: ignore[assignment]

@@ -26,9 +26,8 @@ from __future__ import annotations
 
 import torch
 
-from fractal.kernels._triton_support import HAS_TRITON, next_pow2, use_triton
+from fractal.kernels._triton_support import HAS_TRITON, NUM_SMS, next_pow2, use_triton
 
-_NUM_SMS = 132  # H100 SXM / H200; only steers the partial count
 # tuned on an H100 (bf16, V=102400..151936, B=1..512; BLOCK 1024..8192, 2..8 warps, 2..16 programs per SM swept)
 PROGRAMS_PER_SM = 8  # stage-1 programs per SM aimed for (small programs: several resident per SM)
 MAX_PARTIALS = 64  # chunks per row at most (stage 2 reads them in one tile)
@@ -99,10 +98,10 @@ def greedy_sample_ref(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def choose_partials(B: int, V: int, block: int = BLOCK) -> tuple[int, int]:
-    """(P, tiles per chunk): about PROGRAMS_PER_SM * _NUM_SMS stage-1 programs over the B rows, 1 <= P <=
+    """(P, tiles per chunk): about PROGRAMS_PER_SM * NUM_SMS stage-1 programs over the B rows, 1 <= P <=
     MAX_PARTIALS, chunks of whole tiles, and no empty chunk (P = ceil(tiles / tiles per chunk))."""
     tiles = max(1, -(-V // block))
-    want = -(-PROGRAMS_PER_SM * _NUM_SMS // max(1, B))
+    want = -(-PROGRAMS_PER_SM * NUM_SMS // max(1, B))
     p = max(1, min(want, MAX_PARTIALS, tiles))
     tiles_per_chunk = -(-tiles // p)
     return -(-tiles // tiles_per_chunk), tiles_per_chunk

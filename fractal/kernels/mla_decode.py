@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 
 from fractal.errors import FractalError
-from fractal.kernels._triton_support import HAS_TRITON, next_pow2, use_triton
-from fractal.kernels.paged_attention import _NUM_SMS, choose_splits, merge_splits
+from fractal.kernels._triton_support import HAS_TRITON, NUM_SMS, next_pow2, use_triton
+from fractal.kernels.paged_attention import choose_splits, merge_splits
 
 # launch tuning; see docs/perf-notes.md for the sweep that chose it
 DEFAULT_CONFIG = dict(BLOCK_N=32, num_warps=4, num_stages=2, min_chunk=64, max_splits=16, programs_per_sm=2)
@@ -143,7 +143,7 @@ def mla_decode(
     cfg.update(config or {})
     hblocks = triton.cdiv(H, cfg["BLOCK_H"])
     splits, chunk = choose_splits(B * hblocks, max_seq_len, cfg["BLOCK_N"], cfg["min_chunk"],
-                                  slots=cfg["programs_per_sm"] * _NUM_SMS, max_splits=cfg["max_splits"])
+                                  slots=cfg["programs_per_sm"] * NUM_SMS, max_splits=cfg["max_splits"])
     qk_scale = scale * 1.4426950408889634
     common = dict(L=L, R=R, BLOCK_H=cfg["BLOCK_H"], BLOCK_N=cfg["BLOCK_N"], PAGE=page, num_warps=cfg["num_warps"],
                   num_stages=cfg["num_stages"])

@@ -18,9 +18,8 @@ import math
 import torch
 
 from fractal.errors import FractalError
-from fractal.kernels._triton_support import HAS_TRITON, next_pow2, use_triton
+from fractal.kernels._triton_support import HAS_TRITON, NUM_SMS, next_pow2, use_triton
 
-_NUM_SMS = 132  # H100 SXM / H200; only steers the split count
 # split-K bounds (round 2, docs/perf-notes.md): short chunks at small batch, merge tile of <= 32 x D floats
 GQA_MIN_CHUNK = 64
 GQA_MAX_SPLITS = 32
@@ -128,7 +127,7 @@ def choose_splits(batch_programs: int, max_seq_len: int, block_n: int, min_chunk
     """
     max_seq_len = max(1, max_seq_len)
     if slots is None:
-        want = max(1, math.ceil(2 * _NUM_SMS / max(1, batch_programs)))
+        want = max(1, math.ceil(2 * NUM_SMS / max(1, batch_programs)))
     else:
         want = max(1, slots // max(1, batch_programs))
     if max_splits is not None:

@@ -80,7 +80,7 @@ def test_choose_partials(B, V):
     tiles = math.ceil(V / BLOCK)
     assert 1 <= P <= min(MAX_PARTIALS, tiles)
     assert (P - 1) * tpc < tiles <= P * tpc  # every chunk has a tile, the chunks cover the row
-    want = min(math.ceil(gs.PROGRAMS_PER_SM * gs._NUM_SMS / B), MAX_PARTIALS, tiles)
+    want = min(math.ceil(gs.PROGRAMS_PER_SM * gs.NUM_SMS / B), MAX_PARTIALS, tiles)
     assert 2 * P >= want  # rounding chunks to whole tiles loses at most half of the wanted programs
 
 
