@@ -238,3 +238,21 @@ def test_triton_backend_large_default_config(monkeypatch):
     assert launch_configs(400, 4)[0] == LARGE_BLOCK_M
     out = fused_experts(*args, backend="triton")
     assert _rel(out.cpu(), fused_experts_ref(*[a.cpu() for a in args])) < (1e-2 if dt == torch.bfloat16 else 1e-3)
+
+
+@kernels_here
+@pytest.mark.parametrize("T,E,H,I,k,ns", [(1, 8, 200, 72, 2, 2), (3, 6, 1100, 40, 3, 0), (2, 4, 64, 24, 2, 1)])
+def test_gemv_unrolled_matches_reference(T, E, H, I, k, ns):
+    """The gemv kernels (reduction length unrolled at compile time, masked tails where H or I is not a multiple of
+    the tile) against the routed reference plus the shared gated MLP."""
+    torch.manual_seed(T * 10 + ns)
+    dev = _KERNEL_DEVICE
+    hidden, w13, w2, weights, ids = _inputs(T, E, H, I, k, dev, torch.float32)
+    shared = None
+    ref = fused_experts_ref(hidden, w13, w2, weights, ids)
+    if ns:
+        s13, s2 = torch.randn(2 * ns * I, H, device=dev) / H ** 0.5, torch.randn(H, ns * I, device=dev) / (ns * I) ** 0.5
+        shared = (s13, s2)
+        ref = ref + F.linear(F.silu(F.linear(hidden, s13[: ns * I])) * F.linear(hidden, s13[ns * I:]), s2)
+    out = fused_experts(hidden, w13, w2, weights, ids, backend="gemv", shared=shared)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
