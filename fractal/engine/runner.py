@@ -226,7 +226,7 @@ class ModelRunner:
 
     def warm_up(self, max_num_batched_tokens: int, max_model_len: int, force: bool = False) -> float:
         """Run a few steps on throw-away sequences (CUDA only): a full-budget prefill of long prompts, a mixed
-        decode+prefill step, and 1k / 2k / 4k-token prefills; returns seconds. The first real steps then find the
+        decode+prefill step, 1k / 2k / 4k-token prefills and a one-prompt prefill; returns seconds. The first real steps then find the
         caching allocator grown, cuBLAS/CUTLASS plans made and the eager Triton kernels compiled (the first 8k-token step of a cold engine took 2x its warm time,
         docs/perf-notes.md round 5). The KV it writes lands in free blocks and is never read by a request."""
         if not (self.is_cuda or force) or self.num_blocks == 0:
@@ -245,6 +245,8 @@ class ModelRunner:
         steps = [(0, max_num_batched_tokens, long_len),
                  (min(32, self.config.max_num_seqs), max_num_batched_tokens - 32, seq_len)]
         steps += [(0, n, seq_len) for n in (1024, 2048, 4096) if n < max_num_batched_tokens]
+        # one prompt: its one sampled row takes the lm_head GEMV kernel eagerly (a wide vocabulary, a wider tile)
+        steps.append((0, seq_len, seq_len))
         for n_decode, prefill_tokens, prompt_len in steps:
             rows = [(seq_len, [(7 * i + 3) % vocab]) for i in range(n_decode)]
             left = max(0, prefill_tokens)

@@ -7,6 +7,7 @@ slow, for debugging kernels without a GPU.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -28,6 +29,34 @@ if torch.cuda.is_available() or INTERPRET:
         HAS_TRITON = True
     except Exception:  # pragma: no cover - depends on the machine
         HAS_TRITON = False
+
+
+@functools.lru_cache(maxsize=None)
+def pdl_enabled() -> bool:
+    """Programmatic Dependent Launch (Hopper and later; FRACTAL_PDL=0 turns it off): kernels launched with
+    `pdl_launch()` may start while the kernel before them drains, and wait in `pdl_wait` before touching memory.
+    Decided on first use, not at import (no CUDA context for a CPU-only import)."""
+    if not HAS_TRITON or INTERPRET or os.environ.get("FRACTAL_PDL", "1") == "0" or not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability()[0] >= 9
+
+
+def pdl_launch() -> dict:
+    """Launch keyword arguments for a kernel that calls pdl_wait(PDL=pdl_enabled()) first."""
+    return {"launch_pdl": True} if pdl_enabled() else {}
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def pdl_wait(PDL: tl.constexpr):
+        """First statement of a kernel launched with pdl_launch(): wait until the previous kernel in the stream has
+        finished and its writes are visible (griddepcontrol.wait), then let the next kernel launch early
+        (griddepcontrol.launch_dependents; it starts once every program of this one has got here, and waits in
+        its own pdl_wait). Nothing before this may read or write memory another kernel touches."""
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:

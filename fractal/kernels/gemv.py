@@ -13,6 +13,8 @@ before the SiLU, as the two-kernel path rounds its GEMM output).
 Why: at batch 1 cuBLAS picks split-K GEMV kernels for these shapes that reach 1.4-2.5 TB/s on the 8-50 MB weights of
 DeepSeek-V2-Lite / Qwen3 attention projections and Llama's q/k/v and o_proj, plus a separate split-K reduce and, for
 the MLP, a separate SiLU-and-mul kernel; see docs/perf-notes.md round 7 for the measured shapes and configs.
+With PDL (Hopper) the first chunk of the weight is loaded before the kernel waits for the previous one: the weights
+and the ids buffer are never written by a kernel, only x is (`WEIGHTS_READY`).
 No host sync (CUDA-graph capturable); on CPU or without Triton the torch expressions run.
 """
 from __future__ import annotations
@@ -20,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fractal.kernels._triton_support import HAS_TRITON, use_triton
+from fractal.kernels._triton_support import HAS_TRITON, pdl_enabled, pdl_launch, use_triton
 
 GEMV_MAX_TOKENS = 1  # above, cuBLAS reads the weight once for all tokens
 # (BLOCK_N, BLOCK_K, num_warps) for the plain GEMV and for the SiLU-fused gate/up GEMV; see select_config
@@ -74,7 +76,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, int, int] | N
     out = torch.empty(T, N, dtype=x.dtype, device=x.device)
     _gemv_down_kernel[(T, triton.cdiv(N, bn))](
         x, weight, weight, _zero_ids(T, x.device), out, N, K, T, x.stride(0), 0, weight.stride(0), out.stride(0),
-        I=K, NS=1, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw,
+        I=K, NS=1, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, PDL=pdl_enabled(), WEIGHTS_READY=True,
+        **pdl_launch(),
     )
     return out
 
@@ -93,6 +96,7 @@ def gemv_silu_and_mul(x: torch.Tensor, gate_up: torch.Tensor,
     out = torch.empty(T, I, dtype=x.dtype, device=x.device)
     _gemv_gate_up_kernel[(T, triton.cdiv(I, bn))](
         x, gate_up, gate_up, _zero_ids(T, x.device), out, I, I, T, x.stride(0), 0, gate_up.stride(0),
-        out.stride(0), H=K, TOPK=1, NS=1, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw,
+        out.stride(0), H=K, TOPK=1, NS=1, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, PDL=pdl_enabled(), WEIGHTS_READY=True,
+        **pdl_launch(),
     )
     return out

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from fractal.kernels._triton_support import HAS_TRITON, NUM_SMS, next_pow2, use_triton
+from fractal.kernels._triton_support import HAS_TRITON, NUM_SMS, next_pow2, pdl_enabled, pdl_launch, use_triton
 
 # tuned on an H100 (bf16, V=102400..151936, B=1..512; BLOCK 1024..8192, 2..8 warps, 2..16 programs per SM swept)
 PROGRAMS_PER_SM = 8  # stage-1 programs per SM aimed for (small programs: several resident per SM)
@@ -35,14 +35,15 @@ BLOCK = 1024  # logits per tile (8 per thread at 4 warps: one 16-byte load of bf
 NUM_WARPS = 4
 
 if HAS_TRITON:
-    from fractal.kernels._triton_support import tl, triton
+    from fractal.kernels._triton_support import pdl_wait, tl, triton
 
     # sizes that change every step are not specialised on (no recompile per value class)
     @triton.jit(do_not_specialize=["stride_xb", "tiles_per_chunk", "P"])
     def _greedy_partial_kernel(
         x_ptr, m_ptr, i_ptr, s_ptr, V, stride_xb, tiles_per_chunk, P,
-        ROW_ALIGN: tl.constexpr, BLOCK: tl.constexpr,
+        ROW_ALIGN: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
     ):
+        pdl_wait(PDL)
         b = tl.program_id(0).to(tl.int64)
         p = tl.program_id(1)
         row_start = b * stride_xb
@@ -74,7 +75,8 @@ if HAS_TRITON:
 
     # sizes that change every step are not specialised on (no recompile per value class)
     @triton.jit(do_not_specialize=["P"])
-    def _greedy_combine_kernel(m_ptr, i_ptr, s_ptr, ids_ptr, lp_ptr, P, BLOCK_P: tl.constexpr):
+    def _greedy_combine_kernel(m_ptr, i_ptr, s_ptr, ids_ptr, lp_ptr, P, BLOCK_P: tl.constexpr, PDL: tl.constexpr):
+        pdl_wait(PDL)
         b = tl.program_id(0).to(tl.int64)
         q = tl.arange(0, BLOCK_P)
         qmask = q < P
@@ -135,8 +137,8 @@ def greedy_sample(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     s_part = torch.empty(B, P, dtype=torch.float32, device=logits.device)
     _greedy_partial_kernel[(B, P)](
         logits, m_part, i_part, s_part, V, logits.stride(0), tiles_per_chunk, P,
-        ROW_ALIGN=_row_align(logits.stride(0)), BLOCK=BLOCK, num_warps=NUM_WARPS,
+        ROW_ALIGN=_row_align(logits.stride(0)), BLOCK=BLOCK, num_warps=NUM_WARPS, PDL=pdl_enabled(), **pdl_launch(),
     )
     _greedy_combine_kernel[(B,)](m_part, i_part, s_part, ids, logprob, P, BLOCK_P=next_pow2(MAX_PARTIALS),
-                                 num_warps=1)
+                                 num_warps=1, PDL=pdl_enabled(), **pdl_launch())
     return ids, logprob

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from fractal.errors import FractalError
-from fractal.kernels._triton_support import HAS_TRITON, NUM_SMS, next_pow2, use_triton
+from fractal.kernels._triton_support import HAS_TRITON, NUM_SMS, next_pow2, pdl_enabled, pdl_launch, use_triton
 from fractal.kernels.paged_attention import choose_splits, merge_splits
 
 # launch tuning; see docs/perf-notes.md for the sweep that chose it
@@ -24,7 +24,7 @@ DEFAULT_CONFIG = dict(BLOCK_N=32, num_warps=4, num_stages=2, min_chunk=64, max_s
 SINGLE_SEQ_CONFIG = dict(min_chunk=32, max_splits=32)
 
 if HAS_TRITON:
-    from fractal.kernels._triton_support import tl, triton
+    from fractal.kernels._triton_support import pdl_wait, tl, triton
 
     # sizes that change every step are not specialised on (no recompile per value class)
     @triton.jit(do_not_specialize=["stride_bt", "chunk", "stride_ob", "stride_oh", "stride_lb", "stride_lh"])
@@ -34,8 +34,9 @@ if HAS_TRITON:
         stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
         H, qk_scale, chunk,
         L: tl.constexpr, R: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-        PAGE: tl.constexpr, SPLIT: tl.constexpr,
+        PAGE: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr,
     ):
+        pdl_wait(PDL)
         b = tl.program_id(0).to(tl.int64)
         hb = tl.program_id(1)
         s = tl.program_id(2)
@@ -146,7 +147,7 @@ def mla_decode(
                                   slots=cfg["programs_per_sm"] * NUM_SMS, max_splits=cfg["max_splits"])
     qk_scale = scale * 1.4426950408889634
     common = dict(L=L, R=R, BLOCK_H=cfg["BLOCK_H"], BLOCK_N=cfg["BLOCK_N"], PAGE=page, num_warps=cfg["num_warps"],
-                  num_stages=cfg["num_stages"])
+                  num_stages=cfg["num_stages"], PDL=pdl_enabled(), **pdl_launch())
     args = (q_latent.stride(0), q_latent.stride(1), q_rope.stride(0), q_rope.stride(1),
             latent_cache.stride(0), latent_cache.stride(1), block_tables.stride(0))
     if splits == 1:

@@ -41,12 +41,12 @@ from __future__ import annotations
 import torch
 
 from fractal.errors import FractalError
-from fractal.kernels._triton_support import HAS_TRITON, next_pow2, use_triton
+from fractal.kernels._triton_support import HAS_TRITON, next_pow2, pdl_enabled, pdl_launch, use_triton
 from fractal.kernels.kv_write import write_mla_ref
 from fractal.kernels.rotary import rotary_ref
 
 if HAS_TRITON:
-    from fractal.kernels._triton_support import tl, triton
+    from fractal.kernels._triton_support import pdl_wait, tl, triton
     from fractal.kernels.rotary import _rope_one
 
     # row strides (they differ at T = 1, and between views), positions and slots are not specialised on
@@ -57,8 +57,9 @@ if HAS_TRITON:
         stride_qt, stride_qh, stride_kvt, eps,
         H: tl.constexpr, L: tl.constexpr, DN: tl.constexpr, HALF: tl.constexpr, Q_ALIGN: tl.constexpr,
         KV_ALIGN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_L: tl.constexpr,
-        NEOX: tl.constexpr,
+        NEOX: tl.constexpr, PDL: tl.constexpr,
     ):
+        pdl_wait(PDL)
         t = tl.program_id(0).to(tl.int64)
         pos = tl.load(pos_ptr + t).to(tl.int64)
         slot = tl.load(slot_ptr + t).to(tl.int64)
@@ -186,4 +187,5 @@ def mla_prep_(q: torch.Tensor, kv_a: torch.Tensor, positions: torch.Tensor, cos_
         H=H, L=L, DN=q.shape[2] - R, HALF=R // 2, Q_ALIGN=q_align, KV_ALIGN=kv_align, BLOCK_R=next_pow2(R // 2),
         BLOCK_H=block_h, BLOCK_L=next_pow2(L), NEOX=style == "neox", num_warps=num_warps,
         enable_fp_fusion=False,  # products and sums rounded one by one, as in torch: no FMA contraction
+        PDL=pdl_enabled(), **pdl_launch(),
     )

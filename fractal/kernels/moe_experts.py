@@ -24,16 +24,17 @@ import torch
 import torch.nn.functional as F
 
 from fractal.errors import FractalError
-from fractal.kernels._triton_support import HAS_TRITON, next_pow2, use_triton
+from fractal.kernels._triton_support import HAS_TRITON, next_pow2, pdl_enabled, pdl_launch, use_triton
 from fractal.kernels.moe_fused_gemm import fused_moe_mlp, moe_align_ref, moe_align_triton
 
 BACKENDS = ("grouped_mm", "triton", "gemv")
 
 if HAS_TRITON:
-    from fractal.kernels._triton_support import tl, triton
+    from fractal.kernels._triton_support import pdl_wait, tl, triton
 
     @triton.jit
-    def _silu_and_mul_kernel(h_ptr, out_ptr, stride_h, stride_o, I, BLOCK: tl.constexpr):
+    def _silu_and_mul_kernel(h_ptr, out_ptr, stride_h, stride_o, I, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        pdl_wait(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < I
@@ -46,11 +47,12 @@ if HAS_TRITON:
     @triton.jit(do_not_specialize=["n_routed"])
     def _combine_kernel(y_ptr, idx_ptr, w_ptr, add_ptr, out_ptr, stride_y, stride_a, stride_o, H, n_routed,
                         K: tl.constexpr, HAS_IDX: tl.constexpr, NS: tl.constexpr, HAS_ADD: tl.constexpr,
-                        BLOCK: tl.constexpr):
+                        BLOCK: tl.constexpr, PDL: tl.constexpr):
         """out[t] = round(sum_j w[t, j] y[row(t, j)]) (+ round(sum_s y[n_routed + t*NS + s])) (+ add[t]).
 
         Each partial sum is rounded to the output dtype before the next add, as the torch path does
         (routed out in the model dtype, then `out + shared_experts(x)`)."""
+        pdl_wait(PDL)
         t = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < H
@@ -112,10 +114,15 @@ if HAS_TRITON:
     @triton.jit(do_not_specialize=["n_routed"])
     def _gemv_gate_up_kernel(x_ptr, w_ptr, ws_ptr, ids_ptr, out_ptr, I, IS, n_routed,
                              stride_xt, stride_we, stride_wn, stride_o, H: tl.constexpr,
-                             TOPK: tl.constexpr, NS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                             TOPK: tl.constexpr, NS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                             PDL: tl.constexpr, WEIGHTS_READY: tl.constexpr):
         """out[pair, n] = silu(gate_n . x[t]) * (up_n . x[t]) for one pair: a routed (token, slot) pair
         (pair < n_routed: expert ids[pair] of w13) or one of the NS I-wide slices of a token's shared expert
-        (ws = shared gate_up weight [2*IS, H], IS = NS * I: slice j is gate rows jI.. and up rows IS + jI..)."""
+        (ws = shared gate_up weight [2*IS, H], IS = NS * I: slice j is gate rows jI.. and up rows IS + jI..).
+        WEIGHTS_READY: ids and weights are not written by earlier kernels (the dense use: ids a constant buffer),
+        so the first weight chunk is loaded before pdl_wait, overlapping the previous kernel's tail."""
+        if not WEIGHTS_READY:
+            pdl_wait(PDL)
         pair = tl.program_id(0).to(tl.int64)
         if pair < n_routed:
             t = pair // TOPK
@@ -133,12 +140,21 @@ if HAS_TRITON:
         w_rows = base + n.to(tl.int64)[:, None] * stride_wn
         acc_g = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        if WEIGHTS_READY:
+            wmask0 = nmask[:, None] & (kk < H)[None, :]
+            wg0 = tl.load(w_rows + kk[None, :], mask=wmask0, other=0.0)
+            wu0 = tl.load(w_rows + up + kk[None, :], mask=wmask0, other=0.0)
+            pdl_wait(PDL)
         for k0 in tl.static_range(0, H, BLOCK_K):
             kmask = (k0 + kk) < H
             x = tl.load(x_ptr + t * stride_xt + k0 + kk, mask=kmask, other=0.0).to(tl.float32)
             wmask = nmask[:, None] & kmask[None, :]
-            wg = tl.load(w_rows + k0 + kk[None, :], mask=wmask, other=0.0).to(tl.float32)
-            wu = tl.load(w_rows + up + k0 + kk[None, :], mask=wmask, other=0.0).to(tl.float32)
+            if WEIGHTS_READY and k0 == 0:
+                wg = wg0.to(tl.float32)
+                wu = wu0.to(tl.float32)
+            else:
+                wg = tl.load(w_rows + k0 + kk[None, :], mask=wmask, other=0.0).to(tl.float32)
+                wu = tl.load(w_rows + up + k0 + kk[None, :], mask=wmask, other=0.0).to(tl.float32)
             acc_g += wg * x[None, :]
             acc_u += wu * x[None, :]
         dt = out_ptr.dtype.element_ty
@@ -150,9 +166,12 @@ if HAS_TRITON:
     @triton.jit(do_not_specialize=["n_routed"])
     def _gemv_down_kernel(a_ptr, w_ptr, ws_ptr, ids_ptr, out_ptr, H, IS, n_routed,
                           stride_a, stride_we, stride_wn, stride_o, I: tl.constexpr,
-                          NS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                          NS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+                          WEIGHTS_READY: tl.constexpr):
         """out[pair, n] = down_n . a[pair]: w2[ids[pair]] for a routed pair, columns jI.. of the shared expert's
-        down weight ws [H, IS] for shared slice j."""
+        down weight ws [H, IS] for shared slice j. WEIGHTS_READY as in _gemv_gate_up_kernel."""
+        if not WEIGHTS_READY:
+            pdl_wait(PDL)
         pair = tl.program_id(0).to(tl.int64)
         if pair < n_routed:
             e = tl.load(ids_ptr + pair).to(tl.int64)
@@ -166,10 +185,16 @@ if HAS_TRITON:
         kk = tl.arange(0, BLOCK_K)
         w_rows = base + n.to(tl.int64)[:, None] * row
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        if WEIGHTS_READY:
+            w0 = tl.load(w_rows + kk[None, :], mask=nmask[:, None] & (kk < I)[None, :], other=0.0)
+            pdl_wait(PDL)
         for k0 in tl.static_range(0, I, BLOCK_K):
             kmask = (k0 + kk) < I
             a = tl.load(a_ptr + pair * stride_a + k0 + kk, mask=kmask, other=0.0).to(tl.float32)
-            w = tl.load(w_rows + k0 + kk[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+            if WEIGHTS_READY and k0 == 0:
+                w = w0.to(tl.float32)
+            else:
+                w = tl.load(w_rows + k0 + kk[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
             acc += w * a[None, :]
         tl.store(out_ptr + pair * stride_o + n, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=nmask)
 
@@ -216,7 +241,7 @@ def silu_and_mul(h: torch.Tensor) -> torch.Tensor:
     if M:
         block = min(1024, next_pow2(I))
         _silu_and_mul_kernel[(M, triton.cdiv(I, block))](h, out, h.stride(0), out.stride(0), I, BLOCK=block,
-                                                         num_warps=4)
+                                                         num_warps=4, PDL=pdl_enabled(), **pdl_launch())
     return out
 
 
@@ -231,6 +256,7 @@ def _combine(y, idx, weights, T, k, out_dtype, num_shared=0, add=None):
             y, idx if idx is not None else weights, weights, add if add is not None else y, out,
             y.stride(0), add.stride(0) if add is not None else 0, out.stride(0), H, T * k,
             K=k, HAS_IDX=idx is not None, NS=num_shared, HAS_ADD=add is not None, BLOCK=block, num_warps=4,
+            PDL=pdl_enabled(), **pdl_launch(),
         )
     return out
 
@@ -331,12 +357,14 @@ def _experts_gemv(hidden, w13, w2, topk_weights, topk_ids, shared=None, add=None
     a = torch.empty(rows, I, dtype=hidden.dtype, device=hidden.device)
     _gemv_gate_up_kernel[(rows, triton.cdiv(I, gbn))](
         hidden, w13, ws13, ids, a, I, IS, n, hidden.stride(0), w13.stride(0), w13.stride(1), a.stride(0),
-        H=H, TOPK=k, NS=max(ns, 1), BLOCK_N=gbn, BLOCK_K=gbk, num_warps=gw,
+        H=H, TOPK=k, NS=max(ns, 1), BLOCK_N=gbn, BLOCK_K=gbk, num_warps=gw, PDL=pdl_enabled(), WEIGHTS_READY=False,
+        **pdl_launch(),
     )
     y = torch.empty(rows, H, dtype=hidden.dtype, device=hidden.device)
     _gemv_down_kernel[(rows, triton.cdiv(H, dbn))](
         a, w2, ws2, ids, y, H, IS, n, a.stride(0), w2.stride(0), w2.stride(1), y.stride(0),
-        I=I, NS=max(ns, 1), BLOCK_N=dbn, BLOCK_K=dbk, num_warps=dw,
+        I=I, NS=max(ns, 1), BLOCK_N=dbn, BLOCK_K=dbk, num_warps=dw, PDL=pdl_enabled(), WEIGHTS_READY=False,
+        **pdl_launch(),
     )
     return _combine(y, None, topk_weights.float().contiguous(), T, k, hidden.dtype, num_shared=ns, add=add)
 

@@ -23,14 +23,16 @@ from __future__ import annotations
 
 import torch
 
-from fractal.kernels._triton_support import HAS_TRITON, next_pow2
+from fractal.kernels._triton_support import HAS_TRITON, next_pow2, pdl_enabled, pdl_launch
 
 if HAS_TRITON:
-    from fractal.kernels._triton_support import tl, triton
+    from fractal.kernels._triton_support import pdl_wait, tl, triton
 
     # sizes that change every step are not specialised on (no recompile per value class)
     @triton.jit(do_not_specialize=["n"])
-    def _align_count_kernel(ids_ptr, chunk_counts_ptr, rank_ptr, n, E, EP: tl.constexpr, C: tl.constexpr):
+    def _align_count_kernel(ids_ptr, chunk_counts_ptr, rank_ptr, n, E, EP: tl.constexpr, C: tl.constexpr,
+                            PDL: tl.constexpr):
+        pdl_wait(PDL)
         g = tl.program_id(0)
         p = g * C + tl.arange(0, C)
         e = tl.arange(0, EP)
@@ -45,7 +47,8 @@ if HAS_TRITON:
     @triton.jit(do_not_specialize=["n", "G", "total_len"])
     def _align_scatter_kernel(ids_ptr, chunk_counts_ptr, rank_ptr, sorted_ptr, block_expert_ptr, n, E, G, total_len,
                               EP: tl.constexpr, C: tl.constexpr, GC: tl.constexpr, P: tl.constexpr,
-                              BLOCK_M: tl.constexpr):
+                              BLOCK_M: tl.constexpr, PDL: tl.constexpr):
+        pdl_wait(PDL)
         g = tl.program_id(0)
         e = tl.arange(0, EP)
         emask = e < E
@@ -97,9 +100,10 @@ if HAS_TRITON:
     def _gate_up_silu_kernel(
         x_ptr, w_ptr, out_ptr, sorted_ids_ptr, block_expert_ptr,
         I, K, num_valid, a_row_div, stride_xm, stride_we, stride_wn, stride_om, num_pid_m, num_pid_n, group_m,
-        E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
     ):
         """out[row] = silu(x[row // a_row_div] . gate_e) * (x[row // a_row_div] . up_e) for one block's rows."""
+        pdl_wait(PDL)
         pid_m, pid_n = _tile_of(num_pid_m, num_pid_n, group_m)
         e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
         if e >= E:
@@ -137,9 +141,10 @@ if HAS_TRITON:
     def _down_kernel(
         a_ptr, w_ptr, out_ptr, sorted_ids_ptr, block_expert_ptr,
         N, K, num_valid, stride_am, stride_we, stride_wn, stride_om, num_pid_m, num_pid_n, group_m,
-        E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
     ):
         """out[row] = a[row] @ w[e]^T for the BLOCK_M padded rows of one expert block."""
+        pdl_wait(PDL)
         pid_m, pid_n = _tile_of(num_pid_m, num_pid_n, group_m)
         e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
         if e >= E:
@@ -213,12 +218,13 @@ def moe_align_triton(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> 
     block_expert = torch.empty(nb, dtype=torch.int32, device=dev)
     chunk_counts = torch.empty(G, EP, dtype=torch.int32, device=dev)
     rank = torch.empty(max(n, 1), dtype=torch.int32, device=dev)
-    _align_count_kernel[(G,)](ids, chunk_counts, rank, n, num_experts, EP=EP, C=C, num_warps=4)
+    _align_count_kernel[(G,)](ids, chunk_counts, rank, n, num_experts, EP=EP, C=C, num_warps=4, PDL=pdl_enabled(),
+                              **pdl_launch())
     P = max(16, min(128, 8192 // EP))          # slots per program: a [P, EP] compare tile
     programs = max(G, -(-total_len // P))
     _align_scatter_kernel[(programs,)](ids, chunk_counts, rank, sorted_ids, block_expert, n, num_experts, G,
                                        total_len, EP=EP, C=C, GC=max(1, min(64, 4096 // EP)), P=P,
-                                       BLOCK_M=block_m, num_warps=4)
+                                       BLOCK_M=block_m, num_warps=4, PDL=pdl_enabled(), **pdl_launch())
     return sorted_ids, block_expert
 
 
@@ -291,7 +297,8 @@ def fused_moe_mlp(hidden, w13, w2, topk_ids, block_m=None, gate_up_config=None, 
     _gate_up_silu_kernel[(nb * nn,)](
         hidden, w13, a, sorted_ids, block_expert, I, H, n, k,
         hidden.stride(0), w13.stride(0), w13.stride(1), a.stride(0), nb, nn, gm,
-        E=E, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+        E=E, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages, PDL=pdl_enabled(),
+        **pdl_launch(),
     )
     bn, bk, warps, stages = down_config or d_dn
     y = torch.empty(n, H, dtype=hidden.dtype, device=hidden.device)
@@ -299,6 +306,7 @@ def fused_moe_mlp(hidden, w13, w2, topk_ids, block_m=None, gate_up_config=None, 
     _down_kernel[(nb * nn,)](
         a, w2, y, sorted_ids, block_expert, H, I, n,
         a.stride(0), w2.stride(0), w2.stride(1), y.stride(0), nb, nn, gm,
-        E=E, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+        E=E, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages, PDL=pdl_enabled(),
+        **pdl_launch(),
     )
     return y

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from fractal.errors import FractalError
-from fractal.kernels._triton_support import HAS_TRITON, next_pow2, use_triton
+from fractal.kernels._triton_support import HAS_TRITON, next_pow2, pdl_enabled, pdl_launch, use_triton
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class RoutingConfig:
 
 
 if HAS_TRITON:
-    from fractal.kernels._triton_support import tl, triton
+    from fractal.kernels._triton_support import pdl_wait, tl, triton
 
     @triton.jit
     def _route_kernel(
@@ -52,8 +52,9 @@ if HAS_TRITON:
         stride_l, scale,
         G: tl.constexpr, GS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_GS: tl.constexpr,
         TOPK_GROUP: tl.constexpr, TOP_K: tl.constexpr, BLOCK_K: tl.constexpr,
-        SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, RENORM: tl.constexpr,
+        SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, RENORM: tl.constexpr, PDL: tl.constexpr,
     ):
+        pdl_wait(PDL)
         t = tl.program_id(0).to(tl.int64)
         g = tl.arange(0, BLOCK_G)[:, None]
         j = tl.arange(0, BLOCK_GS)[None, :]
@@ -156,6 +157,6 @@ def route(
         G=cfg.n_group, GS=gs, BLOCK_G=next_pow2(max(2, cfg.n_group)), BLOCK_GS=next_pow2(max(2, gs)),
         TOPK_GROUP=cfg.topk_group, TOP_K=cfg.top_k, BLOCK_K=next_pow2(max(2, cfg.top_k)),
         SIGMOID=cfg.scoring == "sigmoid", HAS_BIAS=correction_bias is not None, RENORM=cfg.renormalize,
-        num_warps=1 if block <= 128 else (2 if block <= 512 else 4),
+        num_warps=1 if block <= 128 else (2 if block <= 512 else 4), PDL=pdl_enabled(), **pdl_launch(),
     )
     return weights, ids

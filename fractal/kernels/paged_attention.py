@@ -18,14 +18,14 @@ import math
 import torch
 
 from fractal.errors import FractalError
-from fractal.kernels._triton_support import HAS_TRITON, NUM_SMS, next_pow2, use_triton
+from fractal.kernels._triton_support import HAS_TRITON, NUM_SMS, next_pow2, pdl_enabled, pdl_launch, use_triton
 
 # split-K bounds (round 2, docs/perf-notes.md): short chunks at small batch, merge tile of <= 32 x D floats
 GQA_MIN_CHUNK = 64
 GQA_MAX_SPLITS = 32
 
 if HAS_TRITON:
-    from fractal.kernels._triton_support import tl, triton
+    from fractal.kernels._triton_support import pdl_wait, tl, triton
 
     # sizes that change every step are not specialised on (no recompile per value class)
     @triton.jit(do_not_specialize=["stride_bt", "chunk", "stride_ob", "stride_oh", "stride_lb", "stride_lh"])
@@ -35,8 +35,9 @@ if HAS_TRITON:
         stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
         qk_scale, chunk,
         G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-        BLOCK_N: tl.constexpr, PAGE: tl.constexpr, SPLIT: tl.constexpr,
+        BLOCK_N: tl.constexpr, PAGE: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr,
     ):
+        pdl_wait(PDL)
         b = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1)
         s = tl.program_id(2)
@@ -87,9 +88,10 @@ if HAS_TRITON:
     def _merge_splits_kernel(
         part_ptr, lse_ptr, out_ptr,
         stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh,
-        S, D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+        S, D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
     ):
         """out[b, h] = sum_s 2^(lse_s - max) part_s / sum_s 2^(lse_s - max) (log2 domain)."""
+        pdl_wait(PDL)
         b = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1).to(tl.int64)
         s = tl.arange(0, BLOCK_S)
@@ -110,7 +112,7 @@ def merge_splits(part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) -> No
     _merge_splits_kernel[(B, H)](
         part, lse, out, part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
         out.stride(0), out.stride(1), S, D=D, BLOCK_S=next_pow2(max(2, S)), BLOCK_D=next_pow2(D),
-        num_warps=4 if D >= 256 else 2,
+        num_warps=4 if D >= 256 else 2, PDL=pdl_enabled(), **pdl_launch(),
     )
 
 
@@ -194,7 +196,7 @@ def paged_decode_attention(
     qk_scale = scale * 1.4426950408889634  # log2(e): the kernel uses exp2
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     common = dict(G=G, BLOCK_G=max(16, next_pow2(G)), D=D, BLOCK_D=next_pow2(D), BLOCK_N=block_n, PAGE=page,
-                  num_warps=4, num_stages=2)
+                  num_warps=4, num_stages=2, PDL=pdl_enabled(), **pdl_launch())
     if splits == 1:
         _gqa_decode_kernel[(B, Hkv, 1)](
             q, k_cache, v_cache, block_tables, seq_lens, out, out,

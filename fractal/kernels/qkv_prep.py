@@ -47,7 +47,7 @@ from __future__ import annotations
 import torch
 
 from fractal.errors import FractalError
-from fractal.kernels._triton_support import HAS_TRITON, next_pow2, use_triton
+from fractal.kernels._triton_support import HAS_TRITON, next_pow2, pdl_enabled, pdl_launch, use_triton
 from fractal.kernels.kv_write import write_kv_ref
 from fractal.kernels.rmsnorm import rms_norm_ref
 from fractal.kernels.rotary import rotary_ref
@@ -56,7 +56,7 @@ Q_HEADS_PER_PROGRAM = 8  # Llama/Qwen3 (32 q heads): 4 q programs + 1 k/v progra
 NUM_WARPS = 4
 
 if HAS_TRITON:
-    from fractal.kernels._triton_support import tl, triton
+    from fractal.kernels._triton_support import pdl_wait, tl, triton
 
     @triton.jit
     def _norm_rope_heads(row, h, hmask, c, s, w_ptr, eps, dst, D: tl.constexpr, HALF: tl.constexpr,
@@ -116,8 +116,9 @@ if HAS_TRITON:
         HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, ROT: tl.constexpr,
         ROW_ALIGN: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr, BLOCK_R: tl.constexpr,
         BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, NEOX: tl.constexpr, Q_NORM: tl.constexpr,
-        K_NORM: tl.constexpr,
+        K_NORM: tl.constexpr, PDL: tl.constexpr,
     ):
+        pdl_wait(PDL)
         t = tl.program_id(0).to(tl.int64)
         g = tl.program_id(1)
         # stride_t is in units of ROW_ALIGN elements: rows stay provably 16-byte aligned without specialising
@@ -227,6 +228,6 @@ def qkv_prep_(qkv, positions, cos_sin_cache, style, rotary_dim, num_heads, num_k
         BLOCK_HQ=per, BLOCK_HKV=next_pow2(num_kv_heads), BLOCK_R=next_pow2(half),
         BLOCK_T=next_pow2(max(head_dim - rotary_dim, 1)), BLOCK_D=next_pow2(head_dim),
         NEOX=style == "neox", Q_NORM=q_norm_weight is not None, K_NORM=k_norm_weight is not None,
-        num_warps=warps, enable_fp_fusion=False,
+        num_warps=warps, enable_fp_fusion=False, PDL=pdl_enabled(), **pdl_launch(),
     )
     return q, k, v

@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import torch
 
-from fractal.kernels._triton_support import HAS_TRITON, next_pow2, use_triton
+from fractal.kernels._triton_support import HAS_TRITON, next_pow2, pdl_enabled, pdl_launch, use_triton
 
 if HAS_TRITON:
-    from fractal.kernels._triton_support import tl, triton
+    from fractal.kernels._triton_support import pdl_wait, tl, triton
 
     @triton.jit
     def _rmsnorm_kernel(
         x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
         stride_x, stride_r, stride_o, stride_ro,
         H, eps,
-        HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+        HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
     ):
+        pdl_wait(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < H
@@ -80,7 +81,7 @@ def _launch(x, residual, weight, eps):
     _rmsnorm_kernel[(rows,)](
         x2, r2, weight, out2, ro2,
         x2.stride(0), r2.stride(0), out2.stride(0), ro2.stride(0),
-        H, eps, HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=warps,
+        H, eps, HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=warps, PDL=pdl_enabled(), **pdl_launch(),
     )
     return out, res_out
 

@@ -15,8 +15,8 @@ AttentionMetadata, so the forward has no host synchronisation and can be capture
 The split-K kernels get `max_seq_len` rounded up to `context_bucket`, the same bound the CUDA-graph runner
 captures with, so eager and replayed decode steps launch the same kernels (identical numerics).
 
-`accelerate_model(model)` swaps RMSNorm (incl. the fused residual add), RotaryEmbedding, GatedMLP, Router,
-GQAAttention and MLAttention instances for subclasses whose forward calls the Triton kernels (same parameters,
+`accelerate_model(model)` swaps RMSNorm (incl. the fused residual add), RotaryEmbedding, GatedMLP, Router, Linear
+(one-token batches through kernels.gemv), GQAAttention and MLAttention instances for subclasses whose forward calls the Triton kernels (same parameters,
 same results up to rounding): fewer, larger kernels.
 """
 from __future__ import annotations
@@ -297,6 +297,11 @@ register_moe_backend("triton", TritonMoEBackend, default_for="cuda")
 
 
 # --- fast variants of the small per-layer modules ------------------------------------------------------
+from torch import nn  # noqa: E402
+
+from fractal.kernels.gemv import dense_linear, gemv_silu_and_mul  # noqa: E402
+from fractal.kernels.gemv import fits as gemv_fits  # noqa: E402
+from fractal.layers.linear import MergedLinear  # noqa: E402
 from fractal.layers.mlp import GatedMLP  # noqa: E402
 from fractal.layers.moe import Router  # noqa: E402
 from fractal.layers.rotary import RotaryEmbedding  # noqa: E402
@@ -311,10 +316,28 @@ class FastRMSNorm(RMSNorm):
         return fused_add_rms_norm_kernel(x, residual, self.weight, self.eps)
 
 
-class FastGatedMLP(GatedMLP):
-    """silu(gate) * up in one kernel between the two GEMMs."""
+class FastLinear(nn.Linear):
+    """nn.Linear through kernels.gemv.dense_linear: a GEMV kernel for one-token batches, F.linear otherwise."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dense_linear(x, self.weight, self.bias)
+
+
+class FastMergedLinear(MergedLinear):
+    """MergedLinear (q/k/v, gate/up) through kernels.gemv.dense_linear."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dense_linear(x, self.weight, self.bias)
+
+
+class FastGatedMLP(GatedMLP):
+    """silu(gate) * up in one kernel between the two GEMMs; for one token, the gate/up GEMV with the SiLU-and-mul
+    in its epilogue (kernels.gemv) and the down GEMV."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.gate_up_proj.weight
+        if self.gate_up_proj.bias is None and gemv_fits(x, w):
+            return self.down_proj(gemv_silu_and_mul(x, w))
         h = self.gate_up_proj(x)
         if h.dim() != 2:
             return super().forward(x)
@@ -366,6 +389,8 @@ class FastMLAttention(MLAttention):
     """MLA whose RoPE (q and k rope parts) and latent-cache write (kv_a_layernorm + [latent | k_rope]) run as one
     kernel (kernels.mla_prep), in place on the projection output."""
 
+    input_linear = staticmethod(dense_linear)  # the fused q / kv_a projection: a GEMV kernel for one token
+
     def rope_and_cache(self, positions, q, kv_a, kv_cache, meta):
         cfg = self.cfg
         mla_prep_(q, kv_a, positions, self.rotary.cos_sin_cache, self.rotary.cfg.style, self.kv_a_layernorm.weight,
@@ -391,7 +416,8 @@ def accelerate_model(model: torch.nn.Module, max_positions: int | None = None) -
     max_positions bounds the RoPE table (default: each RopeConfig's max_position_embeddings).
     Returns how many modules of each kind were swapped.
     """
-    swapped = {"rmsnorm": 0, "rotary": 0, "mlp": 0, "router": 0, "fused_input_gemm": 0, "gqa_prep": 0, "mla_prep": 0}
+    swapped = {"rmsnorm": 0, "rotary": 0, "mlp": 0, "router": 0, "fused_input_gemm": 0, "gqa_prep": 0, "mla_prep": 0,
+               "linear": 0}
     tables: dict = {}
     for module in model.modules():
         device = next((p.device for p in module.parameters()), None)
@@ -409,6 +435,10 @@ def accelerate_model(model: torch.nn.Module, max_positions: int | None = None) -
                     module.weight_fp32 = module.weight.detach().float()  # only the torch fallback reads it
                 module.__class__ = FastRouter
                 swapped["router"] += 1
+        elif (type(module) in (nn.Linear, MergedLinear) and module.weight.is_cuda
+              and module.weight.dtype in (torch.bfloat16, torch.float16)):
+            module.__class__ = FastLinear if type(module) is nn.Linear else FastMergedLinear
+            swapped["linear"] += 1
         elif hasattr(module, "fuse_input_projections") and device is not None and device.type == "cuda":
             module.fuse_input_projections()  # MLA: q(_a)_proj and kv_a_proj_with_mqa as one GEMM
             swapped["fused_input_gemm"] += 1
@@ -431,4 +461,6 @@ def accelerate_model(model: torch.nn.Module, max_positions: int | None = None) -
             if fast is not None and _fusable_attention_input(module):
                 module.__class__ = fast
                 swapped[key] += 1
+        if hasattr(model, "logits_linear"):  # the lm_head product: a GEMV kernel for one-token batches
+            model.logits_linear = dense_linear
     return swapped

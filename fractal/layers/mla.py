@@ -41,6 +41,7 @@ class MLAConfig:
 
 
 class MLAttention(nn.Module):
+    input_linear = staticmethod(nn.functional.linear)  # the fused input GEMM (a GEMV kernel on the GPU path)
     def __init__(self, cfg: MLAConfig, backend: AttentionBackend, mode: str = "auto") -> None:
         super().__init__()
         self.cfg = cfg
@@ -108,7 +109,7 @@ class MLAttention(nn.Module):
         cfg = self.cfg
         if self.fused_input is not None:
             weight, bias, sizes = self.fused_input
-            q, kv_a = nn.functional.linear(x, weight, bias).split(sizes, dim=-1)
+            q, kv_a = self.input_linear(x, weight, bias).split(sizes, dim=-1)
         else:
             q = self.q_proj(x) if cfg.q_lora_rank is None else self.q_a_proj(x)
             kv_a = self.kv_a_proj_with_mqa(x)

@@ -66,6 +66,9 @@ class DecoderModel(nn.Module):
 class CausalLM(nn.Module):
     """Base class; subclasses implement make_attention(layer_index)."""
 
+    # the lm_head product (accelerate_model sets a GEMV kernel for one-token batches on the GPU path)
+    logits_linear = staticmethod(nn.functional.linear)
+
     def __init__(
         self, config: ModelConfig, attention_backend: AttentionBackend, moe_backend: MoEBackend, mla_mode: str = "auto"
     ) -> None:
@@ -116,7 +119,7 @@ class CausalLM(nn.Module):
         """[N, vocab] logits: float32, or in the model's dtype with upcast=False (for a reader that converts
         while it reads, e.g. the greedy sampling kernel; the float32 logits are the same numbers)."""
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = nn.functional.linear(hidden_states, weight)
+        logits = self.logits_linear(hidden_states, weight)
         return logits.float() if upcast else logits
 
     def kv_cache_spec(self) -> KVCacheSpec:

@@ -11,6 +11,7 @@ Also: no host synchronisation while a step is launched, graphs really replayed, 
 from __future__ import annotations
 
 import gc
+import random
 
 import pytest
 import torch
@@ -87,10 +88,30 @@ def test_fast_path_matches_plain_path(model_path, dtype):
     assert runner.graphs is not None and runner.graphs.num_replays > 0 and not runner.graphs.failed
     assert _assert_same_up_to_ties(fast_eager, ref, TIE[dtype]) >= 2
     assert _assert_same_up_to_ties(fast, fast_eager, TIE[dtype]) >= 2
+    # one sequence: its decode steps run the one-token GEMV kernels (16-bit weights) in the captured graphs
+    assert (runner.fast_modules["linear"] > 0) == (dtype != "float32")
+    single = _generate(model_path, dtype, PROMPTS[:1], eager=False, overlap=True)
+    _assert_same_up_to_ties(single, ref[:1], TIE[dtype])
     # chunked prefill: decodes and prefill chunks (with cached context) share steps
     chunked = _generate(model_path, dtype, PROMPTS, eager=False, overlap=True, max_num_batched_tokens=12,
                         prefill_chunk_size=5)
     assert _assert_same_up_to_ties(chunked, ref, TIE[dtype]) >= 2
+
+
+def test_mla_decode_over_long_contexts(model_path):
+    """MLA (DeepSeek) decode at B = 1 and B = 3 over 90-240-token contexts, which fill several split-K chunks of the
+    absorbed decode (and, at B = 1, run the one-token GEMV kernels), captured in graphs, against the plain path."""
+    if "deepseek" not in model_path:
+        pytest.skip("MLA only")
+    rng = random.Random(0)
+    prompts = [[rng.randrange(2, 256) for _ in range(n)] for n in (230, 150, 90)]
+    for batch in (prompts[:1], prompts):
+        ref = _generate(model_path, "bfloat16", batch, plain=True, logprobs=2)
+        held = []
+        fast = _generate(model_path, "bfloat16", batch, eager=False, overlap=True, llm_out=held)
+        graphs = held.pop().engine.runner.graphs
+        assert graphs is not None and graphs.num_replays > 0 and not graphs.failed
+        assert _assert_same_up_to_ties(fast, ref, TIE["bfloat16"]) >= len(batch) - 1
 
 
 def test_graph_batch_on_ladder_is_identical_to_eager(model_path):
