@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fractal.kernels.cuda_graphs import replay_us
 from fractal.kernels.moe_experts import (GEMV_DOWN_CONFIG, GEMV_GATE_UP_CONFIG, _gemv_down_kernel,
                                          _gemv_gate_up_kernel)
 
@@ -44,16 +45,7 @@ def _graph_us(fns, reps=10):
                 for f in fns:
                     f()
     torch.cuda.synchronize()
-    for _ in range(3):
-        g.replay()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(reps):
-        g.replay()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) * 1e3 / reps / (5 * len(fns))
+    return replay_us(g, reps) / (5 * len(fns))
 
 
 def sweep(name, E, H, I, k, shared_mult):

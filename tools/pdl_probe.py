@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fractal.kernels.cuda_graphs import replay_us
+
 
 @triton.jit
 def _tiny(x_ptr, y_ptr, n, BLOCK: tl.constexpr, PDL: tl.constexpr):
@@ -74,16 +76,7 @@ def measure(kind: str, pdl: bool, length: int = 200, reps: int = 20) -> tuple[fl
     torch.cuda.synchronize()
     expect = x0.float() + (length if kind == "tiny" else 0)
     ok = torch.equal(bufs[length % 2].float(), expect.to(torch.bfloat16).float())
-    for _ in range(3):
-        g.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        g.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / reps / length, ok
+    return replay_us(g, reps) / length, ok
 
 
 def main() -> None:

@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from fractal.kernels._triton_support import HAS_TRITON, pdl_enabled, pdl_launch, use_triton
 
 GEMV_MAX_TOKENS = 1  # above, cuBLAS reads the weight once for all tokens
-# (BLOCK_N, BLOCK_K, num_warps) for the plain GEMV and for the SiLU-fused gate/up GEMV; see select_config
 # (BLOCK_N, BLOCK_K, num_warps). Round 7 (tools/gemv_sweep.py, H100, T=1, 4 weight copies rotated in a CUDA graph,
 # us per call ours vs cuBLAS): plain (2, 1024, 2): dsv2lite q+kv_a 7.22 vs 8.63, o_proj 3.35 vs 5.06, qwen3moe qkv
 # 9.39 vs 9.93, o_proj 8.11 vs 10.11, llama qkv 19.05 vs 20.82, o_proj 13.93 vs 16.40, down 40.66 vs 44.18 (2.89

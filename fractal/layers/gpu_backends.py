@@ -16,8 +16,8 @@ The split-K kernels get `max_seq_len` rounded up to `context_bucket`, the same b
 captures with, so eager and replayed decode steps launch the same kernels (identical numerics).
 
 `accelerate_model(model)` swaps RMSNorm (incl. the fused residual add), RotaryEmbedding, GatedMLP, Router, Linear
-(one-token batches through kernels.gemv), GQAAttention and MLAttention instances for subclasses whose forward calls the Triton kernels (same parameters,
-same results up to rounding): fewer, larger kernels.
+(one-token batches through kernels.gemv), GQAAttention and MLAttention instances for subclasses whose forward calls
+the Triton kernels (same parameters, same results up to rounding): fewer, larger kernels.
 """
 from __future__ import annotations
 
