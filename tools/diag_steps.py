@@ -7,6 +7,8 @@ prefill-carrying steps and decode-only steps (by batch bucket), with wall time a
 For each --batches b: one decode step at `context` profiled on eager launches (every kernel visible), kernels
 grouped by name with GPU microseconds per step, beside the CUDA-graph replay time of the same step.
 Random weights at the real shapes (load_format="dummy"), bf16, greedy; the suite's engine settings.
+With PDL on (Hopper) a kernel's profiled time includes its wait for the kernel before it; set FRACTAL_PDL=0 to
+attribute GPU time to kernels (the graph replay time is right either way).
 Caveat: with async scheduling a step's time is measured from the previous step's completion as the host sees
 it, so around a change of step kind (a long eager mixed step, then decodes) time can land on the neighbour;
 the sums over a generate are exact.
