@@ -75,14 +75,14 @@ def sweep(name, E, H, I, k, shared_mult):
         bn, bk, nw = cfg
         return lambda: _gemv_gate_up_kernel[(rows, triton.cdiv(I, bn))](
             x, w13, ws13, ids, o, I, IS, k, x.stride(0), w13.stride(0), w13.stride(1), o.stride(0),
-            H=H, TOPK=k, NS=max(ns, 1), BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, PDL=False, WEIGHTS_READY=False)
+            H=H, TOPK=k, NS=max(ns, 1), BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, PDL=False, DENSE=False)
 
     def dn(L, o, cfg=GEMV_DOWN_CONFIG):
         w13, w2, ws13, ws2, ids = L
         bn, bk, nw = cfg
         return lambda: _gemv_down_kernel[(rows, triton.cdiv(H, bn))](
             a, w2, ws2, ids, o, H, IS, k, a.stride(0), w2.stride(0), w2.stride(1), o.stride(0),
-            I=I, NS=max(ns, 1), BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, PDL=False, WEIGHTS_READY=False)
+            I=I, NS=max(ns, 1), BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, PDL=False, DENSE=False)
 
     print(f"\n== {name}: {rows} rows, gate/up {gu_bytes / 1e6:.1f} MB, down {dn_bytes / 1e6:.1f} MB per layer")
     for f in [gu(L, o) for L, o in zip(layers, outs_a)]:

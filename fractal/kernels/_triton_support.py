@@ -41,9 +41,11 @@ def pdl_enabled() -> bool:
     return torch.cuda.get_device_capability()[0] >= 9
 
 
+@functools.lru_cache(maxsize=None)
 def pdl_launch() -> dict:
-    """Launch keyword arguments for a kernel that calls pdl_wait(PDL=pdl_enabled()) first."""
-    return {"launch_pdl": True} if pdl_enabled() else {}
+    """Keyword arguments for launching a kernel whose first statement is pdl_wait(PDL): the PDL constexpr and, where
+    PDL is on, the launch flag (one dict per process; callers only unpack it)."""
+    return {"PDL": True, "launch_pdl": True} if pdl_enabled() else {"PDL": False}
 
 
 if HAS_TRITON:

@@ -5,16 +5,16 @@ What:
     gemv(x, weight)                 x [T, K], weight [N, K] -> x @ weight^T, [T, N] in x's dtype
     gemv_silu_and_mul(x, gate_up)   gate_up [2I, K] (gate rows 0:I, up rows I:2I) -> silu(x @ gate^T) * (x @ up^T),
                                     [T, I], the SiLU rounded to x's dtype first (as silu_and_mul / torch round it)
-Both are the MoE gemv kernels of fractal.kernels.moe_experts run with a single "expert" (ids all 0): one program per
-(token, BLOCK_N output rows) streams its rows of the weight with the whole reduction unrolled, accumulating in
+Both are the MoE gemv kernels of fractal.kernels.moe_experts in their DENSE mode (one weight, no expert ids): one
+program per (token, BLOCK_N output rows) streams its rows of the weight with the whole reduction unrolled, accumulating in
 float32. Every token re-reads the weight, so the layers call these only up to GEMV_MAX_TOKENS tokens and cuBLAS above.
 Rounding: float32 sums in another order than cuBLAS's, one rounding to the output dtype (gate and up each rounded
 before the SiLU, as the two-kernel path rounds its GEMM output).
 Why: at batch 1 cuBLAS picks split-K GEMV kernels for these shapes that reach 1.4-2.5 TB/s on the 8-50 MB weights of
 DeepSeek-V2-Lite / Qwen3 attention projections and Llama's q/k/v and o_proj, plus a separate split-K reduce and, for
 the MLP, a separate SiLU-and-mul kernel; see docs/perf-notes.md round 7 for the measured shapes and configs.
-With PDL (Hopper) the first chunk of the weight is loaded before the kernel waits for the previous one: the weights
-and the ids buffer are never written by a kernel, only x is (`WEIGHTS_READY`).
+With PDL (Hopper) the first chunk of the weight is loaded before the kernel waits for the previous one: no kernel
+writes the weights, only x.
 No host sync (CUDA-graph capturable); on CPU or without Triton the torch expressions run.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fractal.kernels._triton_support import HAS_TRITON, pdl_enabled, pdl_launch, use_triton
+from fractal.kernels._triton_support import HAS_TRITON, pdl_launch, use_triton
 
 GEMV_MAX_TOKENS = 1  # above, cuBLAS reads the weight once for all tokens
 # (BLOCK_N, BLOCK_K, num_warps). Round 7 (tools/gemv_sweep.py, H100, T=1, 4 weight copies rotated in a CUDA graph,
@@ -38,15 +38,11 @@ if HAS_TRITON:
     from fractal.kernels._triton_support import triton
     from fractal.kernels.moe_experts import _gemv_down_kernel, _gemv_gate_up_kernel
 
-_ZERO_IDS: dict[torch.device, torch.Tensor] = {}
-
-
-def _zero_ids(n: int, device: torch.device) -> torch.Tensor:
-    """int32 zeros (every token's "expert" is 0), one growing buffer per device, never written."""
-    ids = _ZERO_IDS.get(device)
-    if ids is None or ids.numel() < n:
-        ids = _ZERO_IDS[device] = torch.zeros(max(n, 64), dtype=torch.int32, device=device)
-    return ids
+def _fit_grid(n: int, block_n: int) -> int:
+    """block_n, doubled until the n output rows take at most MAX_GRID_Y tiles."""
+    while triton.cdiv(n, block_n) > MAX_GRID_Y:
+        block_n *= 2
+    return block_n
 
 
 def fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -70,13 +66,12 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, int, int] | N
     T, K = x.shape
     N = weight.shape[0]
     bn, bk, nw = config or PLAIN_CONFIG
-    while triton.cdiv(N, bn) > MAX_GRID_Y:
-        bn *= 2
+    bn = _fit_grid(N, bn)
     out = torch.empty(T, N, dtype=x.dtype, device=x.device)
+    # DENSE: the ws / ids / n_routed / stride_we arguments are not read
     _gemv_down_kernel[(T, triton.cdiv(N, bn))](
-        x, weight, weight, _zero_ids(T, x.device), out, N, K, T, x.stride(0), 0, weight.stride(0), out.stride(0),
-        I=K, NS=1, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, PDL=pdl_enabled(), WEIGHTS_READY=True,
-        **pdl_launch(),
+        x, weight, weight, weight, out, N, K, T, x.stride(0), 0, weight.stride(0), out.stride(0),
+        I=K, NS=1, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, DENSE=True, **pdl_launch(),
     )
     return out
 
@@ -90,12 +85,10 @@ def gemv_silu_and_mul(x: torch.Tensor, gate_up: torch.Tensor,
     T, K = x.shape
     I = gate_up.shape[0] // 2
     bn, bk, nw = config or GATE_UP_CONFIG
-    while triton.cdiv(I, bn) > MAX_GRID_Y:
-        bn *= 2
+    bn = _fit_grid(I, bn)
     out = torch.empty(T, I, dtype=x.dtype, device=x.device)
     _gemv_gate_up_kernel[(T, triton.cdiv(I, bn))](
-        x, gate_up, gate_up, _zero_ids(T, x.device), out, I, I, T, x.stride(0), 0, gate_up.stride(0),
-        out.stride(0), H=K, TOPK=1, NS=1, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, PDL=pdl_enabled(), WEIGHTS_READY=True,
-        **pdl_launch(),
+        x, gate_up, gate_up, gate_up, out, I, I, T, x.stride(0), 0, gate_up.stride(0), out.stride(0),
+        H=K, TOPK=1, NS=1, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, DENSE=True, **pdl_launch(),
     )
     return out

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from fractal.kernels._triton_support import HAS_TRITON, NUM_SMS, next_pow2, pdl_enabled, pdl_launch, use_triton
+from fractal.kernels._triton_support import HAS_TRITON, NUM_SMS, next_pow2, pdl_launch, use_triton
 
 # tuned on an H100 (bf16, V=102400..151936, B=1..512; BLOCK 1024..8192, 2..8 warps, 2..16 programs per SM swept)
 PROGRAMS_PER_SM = 8  # stage-1 programs per SM aimed for (small programs: several resident per SM)
@@ -137,8 +137,8 @@ def greedy_sample(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     s_part = torch.empty(B, P, dtype=torch.float32, device=logits.device)
     _greedy_partial_kernel[(B, P)](
         logits, m_part, i_part, s_part, V, logits.stride(0), tiles_per_chunk, P,
-        ROW_ALIGN=_row_align(logits.stride(0)), BLOCK=BLOCK, num_warps=NUM_WARPS, PDL=pdl_enabled(), **pdl_launch(),
+        ROW_ALIGN=_row_align(logits.stride(0)), BLOCK=BLOCK, num_warps=NUM_WARPS, **pdl_launch(),
     )
     _greedy_combine_kernel[(B,)](m_part, i_part, s_part, ids, logprob, P, BLOCK_P=next_pow2(MAX_PARTIALS),
-                                 num_warps=1, PDL=pdl_enabled(), **pdl_launch())
+                                 num_warps=1, **pdl_launch())
     return ids, logprob

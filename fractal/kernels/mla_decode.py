@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from fractal.errors import FractalError
-from fractal.kernels._triton_support import HAS_TRITON, NUM_SMS, next_pow2, pdl_enabled, pdl_launch, use_triton
+from fractal.kernels._triton_support import HAS_TRITON, NUM_SMS, next_pow2, pdl_launch, use_triton
 from fractal.kernels.paged_attention import choose_splits, merge_splits
 
 # launch tuning; see docs/perf-notes.md for the sweep that chose it
@@ -147,7 +147,7 @@ def mla_decode(
                                   slots=cfg["programs_per_sm"] * NUM_SMS, max_splits=cfg["max_splits"])
     qk_scale = scale * 1.4426950408889634
     common = dict(L=L, R=R, BLOCK_H=cfg["BLOCK_H"], BLOCK_N=cfg["BLOCK_N"], PAGE=page, num_warps=cfg["num_warps"],
-                  num_stages=cfg["num_stages"], PDL=pdl_enabled(), **pdl_launch())
+                  num_stages=cfg["num_stages"], **pdl_launch())
     args = (q_latent.stride(0), q_latent.stride(1), q_rope.stride(0), q_rope.stride(1),
             latent_cache.stride(0), latent_cache.stride(1), block_tables.stride(0))
     if splits == 1:

@@ -41,7 +41,7 @@ from __future__ import annotations
 import torch
 
 from fractal.errors import FractalError
-from fractal.kernels._triton_support import HAS_TRITON, next_pow2, pdl_enabled, pdl_launch, use_triton
+from fractal.kernels._triton_support import HAS_TRITON, next_pow2, pdl_launch, use_triton
 from fractal.kernels.kv_write import write_mla_ref
 from fractal.kernels.rotary import rotary_ref
 
@@ -187,5 +187,5 @@ def mla_prep_(q: torch.Tensor, kv_a: torch.Tensor, positions: torch.Tensor, cos_
         H=H, L=L, DN=q.shape[2] - R, HALF=R // 2, Q_ALIGN=q_align, KV_ALIGN=kv_align, BLOCK_R=next_pow2(R // 2),
         BLOCK_H=block_h, BLOCK_L=next_pow2(L), NEOX=style == "neox", num_warps=num_warps,
         enable_fp_fusion=False,  # products and sums rounded one by one, as in torch: no FMA contraction
-        PDL=pdl_enabled(), **pdl_launch(),
+        **pdl_launch(),
     )

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from fractal.errors import FractalError
-from fractal.kernels._triton_support import HAS_TRITON, next_pow2, pdl_enabled, pdl_launch, use_triton
+from fractal.kernels._triton_support import HAS_TRITON, next_pow2, pdl_launch, use_triton
 from fractal.kernels.moe_fused_gemm import fused_moe_mlp, moe_align_ref, moe_align_triton
 
 BACKENDS = ("grouped_mm", "triton", "gemv")
@@ -115,32 +115,36 @@ if HAS_TRITON:
     def _gemv_gate_up_kernel(x_ptr, w_ptr, ws_ptr, ids_ptr, out_ptr, I, IS, n_routed,
                              stride_xt, stride_we, stride_wn, stride_o, H: tl.constexpr,
                              TOPK: tl.constexpr, NS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                             PDL: tl.constexpr, WEIGHTS_READY: tl.constexpr):
+                             PDL: tl.constexpr, DENSE: tl.constexpr):
         """out[pair, n] = silu(gate_n . x[t]) * (up_n . x[t]) for one pair: a routed (token, slot) pair
         (pair < n_routed: expert ids[pair] of w13) or one of the NS I-wide slices of a token's shared expert
         (ws = shared gate_up weight [2*IS, H], IS = NS * I: slice j is gate rows jI.. and up rows IS + jI..).
-        WEIGHTS_READY: ids and weights are not written by earlier kernels (the dense use: ids a constant buffer),
-        so the first weight chunk is loaded before pdl_wait, overlapping the previous kernel's tail."""
-        if not WEIGHTS_READY:
-            pdl_wait(PDL)
+        DENSE (kernels.gemv): one weight w [2I, H] and one pair per token, no ids; no kernel writes those weights, so
+        the first weight chunk is loaded before pdl_wait, overlapping the previous kernel's tail."""
         pair = tl.program_id(0).to(tl.int64)
-        if pair < n_routed:
-            t = pair // TOPK
-            e = tl.load(ids_ptr + pair).to(tl.int64)
-            base = w_ptr + e * stride_we
+        if DENSE:
+            t = pair
+            base = w_ptr
             up = I * stride_wn
         else:
-            q = pair - n_routed
-            t = q // NS
-            base = ws_ptr + (q % NS) * I * stride_wn
-            up = IS * stride_wn
+            pdl_wait(PDL)  # the expert ids come from this step's routing
+            if pair < n_routed:
+                t = pair // TOPK
+                e = tl.load(ids_ptr + pair).to(tl.int64)
+                base = w_ptr + e * stride_we
+                up = I * stride_wn
+            else:
+                q = pair - n_routed
+                t = q // NS
+                base = ws_ptr + (q % NS) * I * stride_wn
+                up = IS * stride_wn
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = n < I
         kk = tl.arange(0, BLOCK_K)
         w_rows = base + n.to(tl.int64)[:, None] * stride_wn
         acc_g = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        if WEIGHTS_READY:
+        if DENSE:
             wmask0 = nmask[:, None] & (kk < H)[None, :]
             wg0 = tl.load(w_rows + kk[None, :], mask=wmask0, other=0.0)
             wu0 = tl.load(w_rows + up + kk[None, :], mask=wmask0, other=0.0)
@@ -149,7 +153,7 @@ if HAS_TRITON:
             kmask = (k0 + kk) < H
             x = tl.load(x_ptr + t * stride_xt + k0 + kk, mask=kmask, other=0.0).to(tl.float32)
             wmask = nmask[:, None] & kmask[None, :]
-            if WEIGHTS_READY and k0 == 0:
+            if DENSE and k0 == 0:
                 wg = wg0.to(tl.float32)
                 wu = wu0.to(tl.float32)
             else:
@@ -167,31 +171,34 @@ if HAS_TRITON:
     def _gemv_down_kernel(a_ptr, w_ptr, ws_ptr, ids_ptr, out_ptr, H, IS, n_routed,
                           stride_a, stride_we, stride_wn, stride_o, I: tl.constexpr,
                           NS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-                          WEIGHTS_READY: tl.constexpr):
+                          DENSE: tl.constexpr):
         """out[pair, n] = down_n . a[pair]: w2[ids[pair]] for a routed pair, columns jI.. of the shared expert's
-        down weight ws [H, IS] for shared slice j. WEIGHTS_READY as in _gemv_gate_up_kernel."""
-        if not WEIGHTS_READY:
-            pdl_wait(PDL)
+        down weight ws [H, IS] for shared slice j. DENSE as in _gemv_gate_up_kernel (w [H, I], one pair per token)."""
         pair = tl.program_id(0).to(tl.int64)
-        if pair < n_routed:
-            e = tl.load(ids_ptr + pair).to(tl.int64)
-            base = w_ptr + e * stride_we
+        if DENSE:
+            base = w_ptr
             row = stride_wn
         else:
-            base = ws_ptr + ((pair - n_routed) % NS) * I
-            row = IS
+            pdl_wait(PDL)  # the expert ids come from this step's routing
+            if pair < n_routed:
+                e = tl.load(ids_ptr + pair).to(tl.int64)
+                base = w_ptr + e * stride_we
+                row = stride_wn
+            else:
+                base = ws_ptr + ((pair - n_routed) % NS) * I
+                row = IS
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = n < H
         kk = tl.arange(0, BLOCK_K)
         w_rows = base + n.to(tl.int64)[:, None] * row
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        if WEIGHTS_READY:
+        if DENSE:
             w0 = tl.load(w_rows + kk[None, :], mask=nmask[:, None] & (kk < I)[None, :], other=0.0)
             pdl_wait(PDL)
         for k0 in tl.static_range(0, I, BLOCK_K):
             kmask = (k0 + kk) < I
             a = tl.load(a_ptr + pair * stride_a + k0 + kk, mask=kmask, other=0.0).to(tl.float32)
-            if WEIGHTS_READY and k0 == 0:
+            if DENSE and k0 == 0:
                 w = w0.to(tl.float32)
             else:
                 w = tl.load(w_rows + k0 + kk[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
@@ -241,7 +248,7 @@ def silu_and_mul(h: torch.Tensor) -> torch.Tensor:
     if M:
         block = min(1024, next_pow2(I))
         _silu_and_mul_kernel[(M, triton.cdiv(I, block))](h, out, h.stride(0), out.stride(0), I, BLOCK=block,
-                                                         num_warps=4, PDL=pdl_enabled(), **pdl_launch())
+                                                         num_warps=4, **pdl_launch())
     return out
 
 
@@ -256,7 +263,7 @@ def _combine(y, idx, weights, T, k, out_dtype, num_shared=0, add=None):
             y, idx if idx is not None else weights, weights, add if add is not None else y, out,
             y.stride(0), add.stride(0) if add is not None else 0, out.stride(0), H, T * k,
             K=k, HAS_IDX=idx is not None, NS=num_shared, HAS_ADD=add is not None, BLOCK=block, num_warps=4,
-            PDL=pdl_enabled(), **pdl_launch(),
+            **pdl_launch(),
         )
     return out
 
@@ -357,13 +364,13 @@ def _experts_gemv(hidden, w13, w2, topk_weights, topk_ids, shared=None, add=None
     a = torch.empty(rows, I, dtype=hidden.dtype, device=hidden.device)
     _gemv_gate_up_kernel[(rows, triton.cdiv(I, gbn))](
         hidden, w13, ws13, ids, a, I, IS, n, hidden.stride(0), w13.stride(0), w13.stride(1), a.stride(0),
-        H=H, TOPK=k, NS=max(ns, 1), BLOCK_N=gbn, BLOCK_K=gbk, num_warps=gw, PDL=pdl_enabled(), WEIGHTS_READY=False,
+        H=H, TOPK=k, NS=max(ns, 1), BLOCK_N=gbn, BLOCK_K=gbk, num_warps=gw, DENSE=False,
         **pdl_launch(),
     )
     y = torch.empty(rows, H, dtype=hidden.dtype, device=hidden.device)
     _gemv_down_kernel[(rows, triton.cdiv(H, dbn))](
         a, w2, ws2, ids, y, H, IS, n, a.stride(0), w2.stride(0), w2.stride(1), y.stride(0),
-        I=I, NS=max(ns, 1), BLOCK_N=dbn, BLOCK_K=dbk, num_warps=dw, PDL=pdl_enabled(), WEIGHTS_READY=False,
+        I=I, NS=max(ns, 1), BLOCK_N=dbn, BLOCK_K=dbk, num_warps=dw, DENSE=False,
         **pdl_launch(),
     )
     return _combine(y, None, topk_weights.float().contiguous(), T, k, hidden.dtype, num_shared=ns, add=add)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from fractal.kernels._triton_support import HAS_TRITON, next_pow2, pdl_enabled, pdl_launch
+from fractal.kernels._triton_support import HAS_TRITON, next_pow2, pdl_launch
 
 if HAS_TRITON:
     from fractal.kernels._triton_support import pdl_wait, tl, triton
@@ -218,13 +218,12 @@ def moe_align_triton(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> 
     block_expert = torch.empty(nb, dtype=torch.int32, device=dev)
     chunk_counts = torch.empty(G, EP, dtype=torch.int32, device=dev)
     rank = torch.empty(max(n, 1), dtype=torch.int32, device=dev)
-    _align_count_kernel[(G,)](ids, chunk_counts, rank, n, num_experts, EP=EP, C=C, num_warps=4, PDL=pdl_enabled(),
-                              **pdl_launch())
+    _align_count_kernel[(G,)](ids, chunk_counts, rank, n, num_experts, EP=EP, C=C, num_warps=4, **pdl_launch())
     P = max(16, min(128, 8192 // EP))          # slots per program: a [P, EP] compare tile
     programs = max(G, -(-total_len // P))
     _align_scatter_kernel[(programs,)](ids, chunk_counts, rank, sorted_ids, block_expert, n, num_experts, G,
                                        total_len, EP=EP, C=C, GC=max(1, min(64, 4096 // EP)), P=P,
-                                       BLOCK_M=block_m, num_warps=4, PDL=pdl_enabled(), **pdl_launch())
+                                       BLOCK_M=block_m, num_warps=4, **pdl_launch())
     return sorted_ids, block_expert
 
 
@@ -297,8 +296,7 @@ def fused_moe_mlp(hidden, w13, w2, topk_ids, block_m=None, gate_up_config=None, 
     _gate_up_silu_kernel[(nb * nn,)](
         hidden, w13, a, sorted_ids, block_expert, I, H, n, k,
         hidden.stride(0), w13.stride(0), w13.stride(1), a.stride(0), nb, nn, gm,
-        E=E, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages, PDL=pdl_enabled(),
-        **pdl_launch(),
+        E=E, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages, **pdl_launch(),
     )
     bn, bk, warps, stages = down_config or d_dn
     y = torch.empty(n, H, dtype=hidden.dtype, device=hidden.device)
@@ -306,7 +304,6 @@ def fused_moe_mlp(hidden, w13, w2, topk_ids, block_m=None, gate_up_config=None, 
     _down_kernel[(nb * nn,)](
         a, w2, y, sorted_ids, block_expert, H, I, n,
         a.stride(0), w2.stride(0), w2.stride(1), y.stride(0), nb, nn, gm,
-        E=E, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages, PDL=pdl_enabled(),
-        **pdl_launch(),
+        E=E, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages, **pdl_launch(),
     )
     return y

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from fractal.errors import FractalError
-from fractal.kernels._triton_support import HAS_TRITON, next_pow2, pdl_enabled, pdl_launch, use_triton
+from fractal.kernels._triton_support import HAS_TRITON, next_pow2, pdl_launch, use_triton
 
 
 @dataclass(frozen=True)
@@ -157,6 +157,6 @@ def route(
         G=cfg.n_group, GS=gs, BLOCK_G=next_pow2(max(2, cfg.n_group)), BLOCK_GS=next_pow2(max(2, gs)),
         TOPK_GROUP=cfg.topk_group, TOP_K=cfg.top_k, BLOCK_K=next_pow2(max(2, cfg.top_k)),
         SIGMOID=cfg.scoring == "sigmoid", HAS_BIAS=correction_bias is not None, RENORM=cfg.renormalize,
-        num_warps=1 if block <= 128 else (2 if block <= 512 else 4), PDL=pdl_enabled(), **pdl_launch(),
+        num_warps=1 if block <= 128 else (2 if block <= 512 else 4), **pdl_launch(),
     )
     return weights, ids

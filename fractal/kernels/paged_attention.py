@@ -18,7 +18,7 @@ import math
 import torch
 
 from fractal.errors import FractalError
-from fractal.kernels._triton_support import HAS_TRITON, NUM_SMS, next_pow2, pdl_enabled, pdl_launch, use_triton
+from fractal.kernels._triton_support import HAS_TRITON, NUM_SMS, next_pow2, pdl_launch, use_triton
 
 # split-K bounds (round 2, docs/perf-notes.md): short chunks at small batch, merge tile of <= 32 x D floats
 GQA_MIN_CHUNK = 64
@@ -112,7 +112,7 @@ def merge_splits(part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) -> No
     _merge_splits_kernel[(B, H)](
         part, lse, out, part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
         out.stride(0), out.stride(1), S, D=D, BLOCK_S=next_pow2(max(2, S)), BLOCK_D=next_pow2(D),
-        num_warps=4 if D >= 256 else 2, PDL=pdl_enabled(), **pdl_launch(),
+        num_warps=4 if D >= 256 else 2, **pdl_launch(),
     )
 
 
@@ -196,7 +196,7 @@ def paged_decode_attention(
     qk_scale = scale * 1.4426950408889634  # log2(e): the kernel uses exp2
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     common = dict(G=G, BLOCK_G=max(16, next_pow2(G)), D=D, BLOCK_D=next_pow2(D), BLOCK_N=block_n, PAGE=page,
-                  num_warps=4, num_stages=2, PDL=pdl_enabled(), **pdl_launch())
+                  num_warps=4, num_stages=2, **pdl_launch())
     if splits == 1:
         _gqa_decode_kernel[(B, Hkv, 1)](
             q, k_cache, v_cache, block_tables, seq_lens, out, out,

@@ -47,7 +47,7 @@ from __future__ import annotations
 import torch
 
 from fractal.errors import FractalError
-from fractal.kernels._triton_support import HAS_TRITON, next_pow2, pdl_enabled, pdl_launch, use_triton
+from fractal.kernels._triton_support import HAS_TRITON, next_pow2, pdl_launch, use_triton
 from fractal.kernels.kv_write import write_kv_ref
 from fractal.kernels.rmsnorm import rms_norm_ref
 from fractal.kernels.rotary import rotary_ref
@@ -228,6 +228,6 @@ def qkv_prep_(qkv, positions, cos_sin_cache, style, rotary_dim, num_heads, num_k
         BLOCK_HQ=per, BLOCK_HKV=next_pow2(num_kv_heads), BLOCK_R=next_pow2(half),
         BLOCK_T=next_pow2(max(head_dim - rotary_dim, 1)), BLOCK_D=next_pow2(head_dim),
         NEOX=style == "neox", Q_NORM=q_norm_weight is not None, K_NORM=k_norm_weight is not None,
-        num_warps=warps, enable_fp_fusion=False, PDL=pdl_enabled(), **pdl_launch(),
+        num_warps=warps, enable_fp_fusion=False, **pdl_launch(),
     )
     return q, k, v

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from fractal.kernels._triton_support import HAS_TRITON, next_pow2, pdl_enabled, pdl_launch, use_triton
+from fractal.kernels._triton_support import HAS_TRITON, next_pow2, pdl_launch, use_triton
 
 if HAS_TRITON:
     from fractal.kernels._triton_support import pdl_wait, tl, triton
@@ -81,7 +81,7 @@ def _launch(x, residual, weight, eps):
     _rmsnorm_kernel[(rows,)](
         x2, r2, weight, out2, ro2,
         x2.stride(0), r2.stride(0), out2.stride(0), ro2.stride(0),
-        H, eps, HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=warps, PDL=pdl_enabled(), **pdl_launch(),
+        H, eps, HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=warps, **pdl_launch(),
     )
     return out, res_out
 

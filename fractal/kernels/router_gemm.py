@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from fractal.kernels._triton_support import HAS_TRITON, INTERPRET, next_pow2, pdl_enabled, pdl_launch, use_triton
+from fractal.kernels._triton_support import HAS_TRITON, INTERPRET, next_pow2, pdl_launch, use_triton
 
 # above this the torch path runs. Round 6: raised from 256 to cover decode at b=512 and prefill steps too; there the
 # torch path was a float32 copy of x plus a SIMT float32 GEMM (13.6 us per layer at T=512, ~60 us at T=8192 on an H100)
@@ -151,7 +151,7 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype 
         grid = (triton.cdiv(E, be), triton.cdiv(T, bt))
         _router_fma_kernel[grid](
             x, weight, out, T, E, x.stride(0), weight.stride(0), out.stride(0),
-            H=H, BLOCK_T=bt, BLOCK_E=be, BLOCK_K=bk, num_warps=nw, PDL=pdl_enabled(), **pdl_launch(),
+            H=H, BLOCK_T=bt, BLOCK_E=be, BLOCK_K=bk, num_warps=nw, **pdl_launch(),
         )
     elif x.dtype != weight.dtype or x.dtype == torch.float32:
         return router_logits_ref(x, weight, out_dtype)  # an IEEE float32 dot is far slower than cuBLAS
@@ -163,6 +163,6 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype 
         _router_dot_kernel[grid](
             x, weight, out, T, E, x.stride(0), weight.stride(0), out.stride(0),
             H=H, BLOCK_T=bt, BLOCK_E=be, BLOCK_K=bk, FP32_DOT=fp32_dot, num_warps=nw, num_stages=ns,
-            PDL=pdl_enabled(), **pdl_launch(),
+            **pdl_launch(),
         )
     return out
