@@ -226,9 +226,10 @@ class ModelRunner:
 
     def warm_up(self, max_num_batched_tokens: int, max_model_len: int, force: bool = False) -> float:
         """Run a few steps on throw-away sequences (CUDA only): a full-budget prefill of long prompts, a mixed
-        decode+prefill step, 1k / 2k / 4k-token prefills and a one-prompt prefill; returns seconds. The first real steps then find the
-        caching allocator grown, cuBLAS/CUTLASS plans made and the eager Triton kernels compiled (the first 8k-token step of a cold engine took 2x its warm time,
-        docs/perf-notes.md round 5). The KV it writes lands in free blocks and is never read by a request."""
+        decode+prefill step, 1k / 2k / 4k-token prefills and a one-prompt prefill; returns seconds. The first real
+        steps then find the caching allocator grown, cuBLAS/CUTLASS plans made and the eager Triton kernels compiled
+        (the first 8k-token step of a cold engine took 2x its warm time, docs/perf-notes.md round 5). The KV it
+        writes lands in free blocks and is never read by a request."""
         if not (self.is_cuda or force) or self.num_blocks == 0:
             return 0.0
         from fractal.engine.synthetic_batch import synthetic_step

@@ -316,18 +316,19 @@ class FastRMSNorm(RMSNorm):
         return fused_add_rms_norm_kernel(x, residual, self.weight, self.eps)
 
 
-class FastLinear(nn.Linear):
-    """nn.Linear through kernels.gemv.dense_linear: a GEMV kernel for one-token batches, F.linear otherwise."""
+class _GemvLinearForward:
+    """forward through kernels.gemv.dense_linear: a GEMV kernel for one-token batches, F.linear otherwise."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return dense_linear(x, self.weight, self.bias)
 
 
-class FastMergedLinear(MergedLinear):
-    """MergedLinear (q/k/v, gate/up) through kernels.gemv.dense_linear."""
+class FastLinear(_GemvLinearForward, nn.Linear):
+    pass
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dense_linear(x, self.weight, self.bias)
+
+class FastMergedLinear(_GemvLinearForward, MergedLinear):  # q/k/v, gate/up
+    pass
 
 
 class FastGatedMLP(GatedMLP):
@@ -461,6 +462,6 @@ def accelerate_model(model: torch.nn.Module, max_positions: int | None = None) -
             if fast is not None and _fusable_attention_input(module):
                 module.__class__ = fast
                 swapped[key] += 1
-        if hasattr(model, "logits_linear"):  # the lm_head product: a GEMV kernel for one-token batches
-            model.logits_linear = dense_linear
+    if device.type == "cuda" and hasattr(model, "logits_linear"):  # the lm_head: a GEMV kernel for one token
+        model.logits_linear = dense_linear
     return swapped
