@@ -35,11 +35,22 @@ def timeline(llm, floors, n: int, vocab: int, rng, verbose: bool = False) -> Non
     keys0 = compiled_variant_keys()
     graphs = engine.runner.graphs
     replays0, captured0 = (graphs.num_replays, len(graphs.graphs)) if graphs is not None else (0, 0)
+    import torch
+
+    def alloc_stats():
+        if not torch.cuda.is_available():
+            return {}
+        st = torch.cuda.memory_stats()
+        return {k: st.get(k, 0) for k in ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync_all_streams")}
+
     _sync()
+    mem0 = alloc_stats()
     t0 = time.perf_counter()
     llm.generate(_prompts(rng, n, INPUT_LEN, vocab), params)
     _sync()
     total = time.perf_counter() - t0
+    mem1 = alloc_stats()
+    print(f"\n   caching allocator during gen-n{n}: " + ", ".join(f"{k} +{mem1[k] - mem0[k]}" for k in mem1))
     log, engine.step_log = engine.step_log, None
     groups = defaultdict(lambda: [0, 0.0, 0.0, 0])
     for shape, elapsed in log:

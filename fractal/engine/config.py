@@ -37,6 +37,9 @@ class EngineConfig:
       in one step, so max_num_batched_tokens must cover max_model_len.
     enable_prefix_caching: share full KV blocks between requests by content (hash chain).
     prefill_order: "fcfs" (arrival order) or "shortest" (fewest tokens still to compute first).
+    preemption_balance: when the KV pool forces preemption, the most output tokens a preempted sequence may
+      lag the running ones by near the end of a batch before one of them yields to it (0, the default: never;
+      see fractal/engine/scheduler.py and docs/engine.md for when it pays).
     kv_cache_memory_bytes: bytes for the KV pool; None takes `gpu_memory_utilization` of the free GPU
       memory after loading on CUDA, and DEFAULT_CPU_KV_BYTES on the CPU.
     num_gpu_blocks: fixes the number of KV blocks (overrides the byte budget).
@@ -67,6 +70,7 @@ class EngineConfig:
     prefill_chunk_size: int | None = None
     enable_prefix_caching: bool = True
     prefill_order: str = "fcfs"
+    preemption_balance: int = 0
     kv_cache_memory_bytes: int | None = None
     gpu_memory_utilization: float = 0.9
     num_gpu_blocks: int | None = None
@@ -99,6 +103,9 @@ class EngineConfig:
             bad("load_format", f"choose from {', '.join(LOAD_FORMATS)}")
         if self.prefill_order not in PREFILL_ORDERS:
             bad("prefill_order", f"choose from {', '.join(PREFILL_ORDERS)}")
+        if not isinstance(self.preemption_balance, int) or isinstance(self.preemption_balance, bool) \
+                or self.preemption_balance < 0:
+            bad("preemption_balance", "must be an integer >= 0 (0 turns balancing off)")
         if not isinstance(self.device, str) or not (
             self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")
         ):
@@ -162,6 +169,7 @@ class SchedulerConfig:
     prefill_chunk_size: int | None = None
     enable_prefix_caching: bool = True
     prefill_order: str = "fcfs"
+    preemption_balance: int = 0
 
     def __post_init__(self) -> None:
         for name in ("num_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len"):
@@ -170,6 +178,8 @@ class SchedulerConfig:
                 raise FractalError(f"{name}={value!r} is invalid: must be an integer >= 1")
         if self.prefill_order not in PREFILL_ORDERS:
             raise FractalError(f"prefill_order={self.prefill_order!r} is invalid: choose from {PREFILL_ORDERS}")
+        if not isinstance(self.preemption_balance, int) or self.preemption_balance < 0:
+            raise FractalError(f"preemption_balance={self.preemption_balance!r} is invalid: must be an integer >= 0")
         capacity = self.num_blocks * self.block_size
         if self.max_model_len > capacity:
             raise FractalError(

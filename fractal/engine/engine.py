@@ -80,6 +80,7 @@ class LLMEngine:
                 prefill_chunk_size=config.prefill_chunk_size,
                 enable_prefix_caching=config.enable_prefix_caching,
                 prefill_order=config.prefill_order,
+                preemption_balance=config.preemption_balance,
             )
         )
         self.runner.allocate_kv_cache(num_blocks, self.max_model_len)
@@ -371,6 +372,7 @@ class LLMEngine:
         s.num_running = self.scheduler.num_running
         s.num_waiting = self.scheduler.num_waiting
         s.num_preempted_total = self.scheduler.num_preempted_total
+        s.num_balance_swaps_total = self.scheduler.num_balance_swaps
         s.kv_blocks_used = kv.num_used_blocks
         s.prefix_cache_queries = kv.prefix_queries
         s.prefix_cache_hits = kv.prefix_hits

@@ -94,14 +94,17 @@ def test_prefix_reuse_matches_hf_and_hits(family_model):
     assert outs[0].metrics.num_cached_tokens >= 8
 
 
-@pytest.mark.parametrize("prefix_caching", [False, True])
-def test_tiny_pool_preempts_and_matches_hf(family_model, prefix_caching):
+@pytest.mark.parametrize("prefix_caching,balance", [(False, 0), (True, 0), (False, 1)])
+def test_tiny_pool_preempts_and_matches_hf(family_model, prefix_caching, balance):
     path, ref = family_model
-    # 8 blocks of 4 = 32 slots for five sequences that need up to 13 + 8 tokens each
-    llm = LLM(model=path, block_size=4, num_gpu_blocks=8, max_model_len=32, enable_prefix_caching=prefix_caching)
+    # 8 blocks of 4 = 32 slots for five sequences that need up to 13 + 8 tokens each; balance=1 swaps running
+    # decodes for preempted ones at one token of lag
+    llm = LLM(model=path, block_size=4, num_gpu_blocks=8, max_model_len=32, enable_prefix_caching=prefix_caching,
+              preemption_balance=balance)
     check(llm.generate(as_prompts(MIXED), GREEDY), MIXED, ref)
     stats = llm.get_stats()
     assert stats.num_preempted_total > 0
+    assert (stats.num_balance_swaps_total > 0) == (balance > 0)
     assert stats.kv_blocks_used == 0
 
 

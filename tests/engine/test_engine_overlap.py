@@ -83,6 +83,9 @@ CASES = {
                        dict(block_size=4, prefill_chunk_size=3, max_num_batched_tokens=10)),
     "preempt": (SamplingParams(temperature=0.0, max_tokens=8),
                 dict(block_size=4, num_gpu_blocks=10, max_model_len=32)),
+    # one output token of lag is enough for a swap: running decodes yield to preempted ones (endgame balancing)
+    "preempt_balance": (SamplingParams(temperature=0.0, max_tokens=12),
+                        dict(block_size=4, num_gpu_blocks=10, max_model_len=32, preemption_balance=1)),
     "seeded_n2": (SamplingParams(temperature=0.9, top_p=0.9, seed=7, n=2, max_tokens=6, min_tokens=3),
                   dict(block_size=4)),
     "penalties": (SamplingParams(temperature=0.0, repetition_penalty=1.3, frequency_penalty=0.4, max_tokens=8),
@@ -101,8 +104,10 @@ def test_async_matches_sync(model_path, case):
     else:
         assert async_seen > 0  # decode inputs really came from the device-side samples
     assert _summary(async_outs) == _summary(sync_outs)
-    if case == "preempt":
+    if case.startswith("preempt"):
         assert stats.num_preempted_total > 0
+    if case == "preempt_balance":
+        assert stats.num_balance_swaps_total > 0
 
 
 def test_async_spends_no_step_on_certain_stops(model_path):
