@@ -15,8 +15,8 @@ with `num_computed_tokens = 0` (its output so far is kept and recomputed as part
 
 Balancing in the endgame (`preemption_balance` = B > 0): once every unfinished sequence's tokens add up to at
 most BALANCE_WINDOW pools, and a preempted sequence waits B or more output tokens behind the most advanced
-running decode, that decode is preempted in its place (one swap per step), and waiting sequences are admitted
-least output first. Without it, sequences preempted in a batch that outgrows the pool wait until the rest
+running decode, that decode is preempted in its place (up to BALANCE_SWAPS such pairs per step), and waiting
+sequences are admitted least output first. Without it, sequences preempted in a batch that outgrows the pool wait until the rest
 finish and then decode alone at a small batch for most of their output (a "second wave"), although an MoE
 decode step costs nearly the same at batch 60 as at 250 (every expert's weights are read either way). With it
 the unfinished sequences finish close together; each swap costs one recompute of the swapped sequence and
@@ -35,6 +35,7 @@ from fractal.engine.scheduler_output import ScheduledChunk, SchedulerOutput
 
 # balancing runs while the unfinished sequences' tokens are at most this many KV pools (module docstring)
 BALANCE_WINDOW = 1.5
+BALANCE_SWAPS = 1  # swaps per step at most
 
 
 class Scheduler:
@@ -138,9 +139,10 @@ class Scheduler:
         return SchedulerOutput(chunks=chunks, preempted_seq_ids=[s.seq_id for s in preempted])
 
     def _balance_progress(self) -> list[Sequence]:
-        """The endgame swap (module docstring): decide whether balancing is on for this step and, if a preempted
-        sequence lags the most advanced running decode by `preemption_balance` output tokens or more, preempt
-        that decode (returned, so that it is not re-admitted in the same step). No swap otherwise."""
+        """The endgame swaps (module docstring): decide whether balancing is on for this step and, while a
+        preempted sequence lags the most advanced running decode by `preemption_balance` output tokens or more,
+        preempt that decode (at most BALANCE_SWAPS per step; returned, so that none is re-admitted in the same
+        step)."""
         cfg = self.config
         self._endgame = False
         if cfg.preemption_balance <= 0 or not any(s.num_preemptions for s in self.waiting):
@@ -149,16 +151,17 @@ class Scheduler:
         if sum(s.num_tokens for s in self.seqs.values()) > BALANCE_WINDOW * capacity:
             return []
         self._endgame = True
-        lagging = min((s for s in self.waiting if s.num_preemptions), key=lambda s: (s.num_output_tokens, s.order))
-        decodes = [s for s in self.running if s.num_uncomputed_tokens == 1 and s.num_output_tokens > 0]
-        if not decodes:
-            return []
-        leader = max(decodes, key=lambda s: (s.num_output_tokens, -s.order))
-        if leader.num_output_tokens - lagging.num_output_tokens < cfg.preemption_balance:
-            return []
-        self._preempt(leader)
-        self.num_balance_swaps += 1
-        return [leader]
+        lagging = sorted((s for s in self.waiting if s.num_preemptions), key=lambda s: (s.num_output_tokens, s.order))
+        leaders = sorted((s for s in self.running if s.num_uncomputed_tokens == 1 and s.num_output_tokens > 0),
+                         key=lambda s: (-s.num_output_tokens, s.order))
+        swapped = []
+        for lag, leader in zip(lagging[:BALANCE_SWAPS], leaders):
+            if leader.num_output_tokens - lag.num_output_tokens < cfg.preemption_balance:
+                break
+            self._preempt(leader)
+            self.num_balance_swaps += 1
+            swapped.append(leader)
+        return swapped
 
     def _waiting_order(self) -> list[Sequence]:
         if self._endgame:  # least output first: the lagging catch up, the swapped-out leaders wait
