@@ -19,8 +19,10 @@ Rows (ROWS):
 Each row: measured seconds, the floor (fractal.perf.floor.step_floor; for a generate, the sum over the
 steps the engine actually ran), measured/floor, the binding resource, MBU and MFU (the floor's bytes and
 FLOPs over measured time and the GPU's peak), tokens/s, and the vLLM 0.24 figure of issue 5 where there is one.
-A note "jit +N" says N Triton binaries were compiled during the row (its timed part or the row's own untimed
-warm-up; decode rows warm up before timing, generate rows do not).
+With several models each runs in a fresh process (`--same-process` keeps one): a model run after another in one
+process finds less free GPU memory, so a smaller KV pool. A note "jit +N" says N Triton binaries were compiled
+during the row (its timed part or the row's own untimed warm-up; decode rows warm up before timing, generate
+rows do not).
 """
 from __future__ import annotations
 
@@ -363,6 +365,33 @@ def format_table(rows: list[dict], title: str | None = None) -> str:
     return "\n".join(lines)
 
 
+def _suite_in_child(model: str, argv: list[str]) -> list[dict]:
+    """run_suite for one model in a fresh interpreter (same options); its rows come back through a JSON file."""
+    import os
+    import subprocess
+    import tempfile
+
+    keep, skip = [], False
+    for i, a in enumerate(argv):  # drop every --model (and --json: the child writes its own)
+        if skip:
+            skip = False
+            continue
+        if a in ("--model", "--json"):
+            skip = True
+            continue
+        if a.startswith(("--model=", "--json=")):
+            continue
+        keep.append(a)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "rows.json")
+        cmd = [sys.executable, "-m", "fractal.bench.offline_suite", "--model", model, "--json", out, *keep]
+        proc = subprocess.run(cmd, stdout=subprocess.DEVNULL)
+        if not os.path.exists(out):
+            raise FractalError(f"the suite's process for {model} exited with {proc.returncode} and no rows")
+        with open(out, encoding="utf-8") as handle:
+            return json.load(handle)[model]
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="fractal bench offline --suite", description=__doc__.split("\n")[0])
     parser.add_argument("--model", action="append", required=True, help="shipped config name or model dir (repeat)")
@@ -373,6 +402,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--plain", action="store_true", help="also the plain-path rows (before/after)")
     parser.add_argument("--json", default=None, help="write all rows here")
     parser.add_argument("--profile-dir", default=None, help="write a torch.profiler summary per model here")
+    parser.add_argument("--same-process", action="store_true",
+                        help="run every --model in this process (default: one fresh process per model, as the peer "
+                             "figures were taken; a model run after another here finds less free GPU memory, e.g. "
+                             "a 2 %% smaller KV pool for Qwen3-30B-A3B after DeepSeek-V2-Lite)")
     args = parser.parse_args(argv)
     rows = args.rows.split(",") if args.rows else list(DEFAULT_ROWS) + (list(PLAIN_ROWS) if args.plain else [])
     unknown = [r for r in rows if r not in ROWS and r not in PLAIN_ROWS]
@@ -382,8 +415,11 @@ def main(argv: list[str]) -> int:
     for model in args.model:
         profile = f"{args.profile_dir}/profile-{model.replace('/', '_')}.txt" if args.profile_dir else None
         try:
-            result = run_suite(model, gpu=args.gpu, rows=rows, profile_path=profile,
-                               engine_kwargs={"load_format": args.load_format})
+            if len(args.model) > 1 and not args.same_process:
+                result = _suite_in_child(model, argv)
+            else:
+                result = run_suite(model, gpu=args.gpu, rows=rows, profile_path=profile,
+                                   engine_kwargs={"load_format": args.load_format})
         except Exception as exc:
             result = [dict(name="suite", error=f"{type(exc).__name__}: {exc}")]
         everything[model] = result

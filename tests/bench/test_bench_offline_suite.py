@@ -64,3 +64,22 @@ def test_suite_cli_rejects_unknown_rows_in_one_line(capsys):
     assert main(["bench", "offline", "--suite", "--model", "deepseek-v2-lite", "--rows", "gen-n1,nosuch"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown suite row(s) ['nosuch']" in err[0]
+
+
+def test_suite_runs_each_model_in_its_own_process(tmp_path, capsys):
+    """With several --model the suite runs each in a fresh interpreter (as the peer figures were taken), and
+    the parent prints and writes every model's rows."""
+    import json
+
+    from fractal.bench.offline_suite import main
+
+    paths = [str(make_tiny_model(family, tmp_path / family, max_position_embeddings=16384))
+             for family in ("llama", "qwen3")]
+    out = tmp_path / "rows.json"
+    assert main(["--model", paths[0], "--model", paths[1], "--rows", "startup", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert list(rows) == paths
+    printed = capsys.readouterr().out
+    for path in paths:
+        assert [r["name"] for r in rows[path]] == ["startup"] and "error" not in rows[path][0], rows[path]
+        assert f"== {path} (h100 floor) ==" in printed
