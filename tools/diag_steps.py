@@ -43,6 +43,7 @@ def timeline(llm, floors, n: int, vocab: int, rng, verbose: bool = False) -> Non
         st = torch.cuda.memory_stats()
         return {k: st.get(k, 0) for k in ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync_all_streams")}
 
+    st0 = engine.get_stats()
     _sync()
     mem0 = alloc_stats()
     t0 = time.perf_counter()
@@ -51,6 +52,10 @@ def timeline(llm, floors, n: int, vocab: int, rng, verbose: bool = False) -> Non
     total = time.perf_counter() - t0
     mem1 = alloc_stats()
     print(f"\n   caching allocator during gen-n{n}: " + ", ".join(f"{k} +{mem1[k] - mem0[k]}" for k in mem1))
+    st1 = engine.get_stats()
+    print(f"   preemptions +{st1.num_preempted_total - st0.num_preempted_total} (swapped to host "
+          f"+{st1.num_swapped_out_total - st0.num_swapped_out_total}, balancing swaps "
+          f"+{st1.num_balance_swaps_total - st0.num_balance_swaps_total})")
     log, engine.step_log = engine.step_log, None
     groups = defaultdict(lambda: [0, 0.0, 0.0, 0])
     for shape, elapsed in log:

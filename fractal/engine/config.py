@@ -38,8 +38,11 @@ class EngineConfig:
     enable_prefix_caching: share full KV blocks between requests by content (hash chain).
     prefill_order: "fcfs" (arrival order) or "shortest" (fewest tokens still to compute first).
     preemption_balance: when the KV pool forces preemption, the most output tokens a preempted sequence may
-      lag the running ones by near the end of a batch before one of them yields to it (0, the default: never;
-      see fractal/engine/scheduler.py and docs/engine.md for when it pays).
+      lag the running ones by near the end of a batch before one of them is swapped out for it (0: never;
+      needs swap space; see fractal/engine/scheduler.py and docs/engine.md).
+    swap_space: GiB of host memory (pinned on CUDA) that holds the KV of preempted sequences, so that they
+      resume without recomputing it; a preemption that does not fit recomputes as without it. None: 4 GiB
+      on CUDA (vLLM's former default), 0 on the CPU (the KV is in host memory already).
     kv_cache_memory_bytes: bytes for the KV pool; None takes `gpu_memory_utilization` of the free GPU
       memory after loading on CUDA, and DEFAULT_CPU_KV_BYTES on the CPU.
     num_gpu_blocks: fixes the number of KV blocks (overrides the byte budget).
@@ -70,7 +73,8 @@ class EngineConfig:
     prefill_chunk_size: int | None = None
     enable_prefix_caching: bool = True
     prefill_order: str = "fcfs"
-    preemption_balance: int = 0
+    preemption_balance: int = 32
+    swap_space: float | None = None
     kv_cache_memory_bytes: int | None = None
     gpu_memory_utilization: float = 0.9
     num_gpu_blocks: int | None = None
@@ -106,6 +110,9 @@ class EngineConfig:
         if not isinstance(self.preemption_balance, int) or isinstance(self.preemption_balance, bool) \
                 or self.preemption_balance < 0:
             bad("preemption_balance", "must be an integer >= 0 (0 turns balancing off)")
+        if self.swap_space is not None and (not isinstance(self.swap_space, (int, float))
+                                            or isinstance(self.swap_space, bool) or self.swap_space < 0):
+            bad("swap_space", "must be a number of GiB >= 0 (0: preempt by recompute) or None (auto)")
         if not isinstance(self.device, str) or not (
             self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")
         ):
@@ -170,6 +177,7 @@ class SchedulerConfig:
     enable_prefix_caching: bool = True
     prefill_order: str = "fcfs"
     preemption_balance: int = 0
+    num_host_blocks: int = 0  # swap space for preempted sequences' KV, in blocks (0: preempt by recompute)
 
     def __post_init__(self) -> None:
         for name in ("num_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len"):
@@ -180,6 +188,8 @@ class SchedulerConfig:
             raise FractalError(f"prefill_order={self.prefill_order!r} is invalid: choose from {PREFILL_ORDERS}")
         if not isinstance(self.preemption_balance, int) or self.preemption_balance < 0:
             raise FractalError(f"preemption_balance={self.preemption_balance!r} is invalid: must be an integer >= 0")
+        if not isinstance(self.num_host_blocks, int) or self.num_host_blocks < 0:
+            raise FractalError(f"num_host_blocks={self.num_host_blocks!r} is invalid: must be an integer >= 0")
         capacity = self.num_blocks * self.block_size
         if self.max_model_len > capacity:
             raise FractalError(

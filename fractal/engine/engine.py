@@ -27,6 +27,7 @@ from fractal.outputs import RequestMetrics, RequestOutput
 from fractal.sampling_params import SamplingParams
 
 OUTPUT_KINDS = ("cumulative", "final")
+DEFAULT_CUDA_SWAP_GIB = 4.0  # EngineConfig.swap_space=None on CUDA
 
 
 def _generation_eos_ids(model_dir: str) -> set[int]:
@@ -69,6 +70,9 @@ class LLMEngine:
             if not config.enable_chunked_prefill:
                 wanted_len = min(wanted_len, config.max_num_batched_tokens)
         self.max_model_len = wanted_len
+        swap_space = config.swap_space if config.swap_space is not None else (
+            DEFAULT_CUDA_SWAP_GIB if self.runner.is_cuda else 0.0)
+        num_host_blocks = int(swap_space * 2**30) // self.runner.kv_spec.bytes_per_block(config.block_size)
         self.scheduler = Scheduler(
             SchedulerConfig(
                 num_blocks=num_blocks,
@@ -81,9 +85,11 @@ class LLMEngine:
                 enable_prefix_caching=config.enable_prefix_caching,
                 prefill_order=config.prefill_order,
                 preemption_balance=config.preemption_balance,
+                num_host_blocks=num_host_blocks,
             )
         )
         self.runner.allocate_kv_cache(num_blocks, self.max_model_len)
+        self.runner.init_swap_space(num_host_blocks)
         self.warm_up_s = self.runner.warm_up(config.max_num_batched_tokens, self.max_model_len)
         self.runner.capture_cuda_graphs()
         self.async_scheduling = (
@@ -227,6 +233,7 @@ class LLMEngine:
         if self.async_scheduling:
             return self._step_async()
         sched_out = self.scheduler.schedule()
+        self.runner.apply_swaps(sched_out)
         if sched_out.is_empty:
             outputs, self._pending = self._pending, []
             return outputs
@@ -248,6 +255,7 @@ class LLMEngine:
         if self._inflight is not None and self._inflight[3]:
             produced += self._finish_inflight()  # penalties read every output token: resolve first
         sched_out = self.scheduler.schedule()
+        self.runner.apply_swaps(sched_out)
         launched = None
         if not sched_out.is_empty:
             self._note_scheduled(sched_out)
@@ -373,6 +381,7 @@ class LLMEngine:
         s.num_waiting = self.scheduler.num_waiting
         s.num_preempted_total = self.scheduler.num_preempted_total
         s.num_balance_swaps_total = self.scheduler.num_balance_swaps
+        s.num_swapped_out_total = self.scheduler.num_swapped_out_total
         s.kv_blocks_used = kv.num_used_blocks
         s.prefix_cache_queries = kv.prefix_queries
         s.prefix_cache_hits = kv.prefix_hits

@@ -39,6 +39,7 @@ class Sequence:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None
     num_preemptions: int = 0
+    num_swapped_tokens: int = 0  # preempted by swapping: tokens whose KV waits in host memory (else 0)
     num_cached_tokens: int = 0  # prompt tokens taken from the prefix cache or the parent at admission
     cumulative_logprob: float = 0.0
     logprobs: list[dict[int, float]] | None = None

@@ -177,6 +177,9 @@ class ModelRunner:
         # the previous step's sampled ids on the device, and each sampled sequence's row in it (overlap)
         self._prev_sampled: torch.Tensor | None = None
         self._prev_rows: dict[int, int] = {}
+        self._swapped: dict[int, list[int]] = {}  # seq_id -> the host blocks of its swapped-out KV (apply_swaps)
+        self._host_pool: torch.Tensor | None = None
+        self._host_free: list[int] = []
 
     # --- KV pool -------------------------------------------------------------------------------------
     def size_kv_pool(self, max_model_len: int) -> int:
@@ -278,6 +281,62 @@ class ModelRunner:
 
     def free(self, seq_id: int) -> None:
         self.generators.pop(seq_id, None)
+        host_ids = self._swapped.pop(seq_id, None)
+        if host_ids:
+            self._host_free = sorted(self._host_free + host_ids)
+
+    # --- swap space: preempted sequences' KV in host memory ------------------------------------------------------
+    def init_swap_space(self, num_host_blocks: int) -> None:
+        """One host buffer (pinned on CUDA) of `num_host_blocks` KV blocks, each holding one block of every layer
+        contiguously, allocated once: pinning memory per swap costs tens of milliseconds (R8-6)."""
+        self._host_pool, self._host_free = None, []
+        if num_host_blocks <= 0:
+            return
+        first = self.kv_caches[0]
+        block_shape = first.shape[:self._block_dim] + first.shape[self._block_dim + 1:]
+        self._host_pool = torch.empty((num_host_blocks, len(self.kv_caches), *block_shape), dtype=first.dtype,
+                                      pin_memory=self.is_cuda)
+        self._host_free = list(range(num_host_blocks))
+
+    @property
+    def _block_dim(self) -> int:
+        return 1 if self.kv_spec.kind == "gqa" else 0  # the block axis of a layer's cache
+
+    @staticmethod
+    def _runs(ids: list[int]):
+        """(first host block, count, offset in ids) of each run of consecutive ids."""
+        start = 0
+        for i in range(1, len(ids) + 1):
+            if i == len(ids) or ids[i] != ids[i - 1] + 1:
+                yield ids[start], i - start, start
+                start = i
+
+    def apply_swaps(self, output: SchedulerOutput) -> None:
+        """The step's KV moves, enqueued on the current stream before its forward (so they see every earlier step's
+        writes and precede this step's): swap_out gathers each sequence's blocks of every layer and copies them
+        into free host blocks (asynchronously on CUDA), swap_in copies them back into the new blocks. Host blocks
+        freed by a swap_in are reused only by later copies on the same stream, after it."""
+        if not (output.swap_out or output.swap_in):
+            return
+        dim, pool, layers = self._block_dim, self._host_pool, len(self.kv_caches)
+        for seq_id, blocks in output.swap_out:
+            index = torch.tensor(blocks, dtype=torch.long, device=self.device)
+            staged = torch.empty((len(blocks), layers, *pool.shape[2:]), dtype=pool.dtype, device=self.device)
+            for layer, cache in enumerate(self.kv_caches):
+                staged[:, layer].copy_(cache.index_select(dim, index).movedim(dim, 0))
+            host_ids, self._host_free = self._host_free[:len(blocks)], self._host_free[len(blocks):]
+            for first, count, offset in self._runs(host_ids):
+                pool[first:first + count].copy_(staged[offset:offset + count], non_blocking=self.is_cuda)
+            self._swapped[seq_id] = host_ids
+        for seq_id, blocks in output.swap_in:
+            host_ids = self._swapped.pop(seq_id)
+            staged = torch.empty((len(blocks), layers, *pool.shape[2:]), dtype=pool.dtype, device=self.device)
+            for first, count, offset in self._runs(host_ids):
+                staged[offset:offset + count].copy_(pool[first:first + count], non_blocking=self.is_cuda)
+            index = torch.tensor(blocks, dtype=torch.long, device=self.device)
+            for layer, cache in enumerate(self.kv_caches):
+                cache.index_copy_(dim, index, staged[:, layer].movedim(0, dim))
+            self._host_free = sorted(self._host_free + host_ids)
 
     def _h2d(self, data, dtype: torch.dtype) -> torch.Tensor:
         """Host data -> device tensor; on CUDA through pinned memory without a stream sync."""

@@ -10,18 +10,21 @@ One call to `schedule()` fills a token budget (`max_num_batched_tokens`) under a
    had to preempt, in which case nobody new is admitted this step.
 
 When a running sequence needs a block and the pool is empty, the newest running sequence (highest
-`order`, possibly itself) is preempted by recompute: its blocks are freed and it goes back to waiting
-with `num_computed_tokens = 0` (its output so far is kept and recomputed as part of its prompt).
+`order`, possibly itself) is preempted: its blocks are freed and it goes back to waiting with
+`num_computed_tokens = 0`. With swap space (`num_host_blocks`) that can take its computed KV, the KV is
+swapped out (`SchedulerOutput.swap_out`; the runner copies it to host memory before the step) and comes back
+on admission into new blocks (`swap_in`) instead of being computed again; otherwise it is preempted by
+recompute (its output so far is kept and recomputed as part of its prompt).
 
-Balancing in the endgame (`preemption_balance` = B > 0): once every unfinished sequence's tokens add up to at
-most BALANCE_WINDOW pools, and a preempted sequence waits B or more output tokens behind the most advanced
-running decode, that decode is preempted in its place (up to BALANCE_SWAPS such pairs per step), and waiting
-sequences are admitted least output first. Without it, sequences preempted in a batch that outgrows the pool wait until the rest
+Balancing in the endgame (`preemption_balance` = B > 0, with swap space): once every unfinished sequence's tokens
+add up to at most BALANCE_WINDOW pools, and a preempted sequence waits B or more output tokens behind the most
+advanced running decode, that decode is swapped out in its place (up to BALANCE_SWAPS such pairs per step, each
+only if the swap space takes its KV), and waiting sequences are admitted least output first. Without it, sequences preempted in a batch that outgrows the pool wait until the rest
 finish and then decode alone at a small batch for most of their output (a "second wave"), although an MoE
 decode step costs nearly the same at batch 60 as at 250 (every expert's weights are read either way). With it
-the unfinished sequences finish close together; each swap costs one recompute of the swapped sequence and
-turns a graph-replayed decode step into an eager mixed one. Off by default: on the H100 it sped a KV-bound
-Qwen3-30B-A3B batch of 512 requests up by 6.5 % and slowed one of 256 down by 3.4 % (docs/engine.md).
+the unfinished sequences finish close together, at the cost of two copies over PCIe per swap. Balancing by
+recompute instead lost (each swap made a graph-replayed decode step an eager mixed one with a ~600-token
+recompute), hence "only by swapping". Measurements: docs/engine.md and docs/perf-notes.md round 8.
 
 `num_computed_tokens` advances in `update_from_output`, after the step ran, so a prefix block is only
 offered to others once its KV really is in the cache.
@@ -46,6 +49,10 @@ class Scheduler:
         self.running: list[Sequence] = []  # admission order
         self.seqs: dict[int, Sequence] = {}  # every unfinished sequence by id
         self.num_preempted_total = 0
+        self.num_swapped_out_total = 0  # preemptions that kept the KV in host memory
+        self.host_free_blocks = config.num_host_blocks
+        self._swap_out: list[tuple[int, list[int]]] = []  # this step's KV moves (SchedulerOutput)
+        self._swap_in: list[tuple[int, list[int]]] = []
         self.num_balance_swaps = 0  # preemptions made by balancing (module docstring)
         self._endgame = False  # balancing is on for this step (see schedule)
 
@@ -77,14 +84,30 @@ class Scheduler:
             self.running.remove(seq)
         else:
             self.waiting.remove(seq)
+            self._drop_swapped(seq)
         self.kv.free(seq)
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = reason
         seq.stop_reason = stop_reason
         self.seqs.pop(seq.seq_id, None)
 
+    def _host_blocks(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.config.block_size)
+
+    def _drop_swapped(self, seq: Sequence) -> None:
+        """A swapped-out sequence ends while waiting: its host blocks are free again (the runner drops the copy)."""
+        if seq.num_swapped_tokens:
+            self.host_free_blocks += self._host_blocks(seq.num_swapped_tokens)
+            seq.num_swapped_tokens = 0
+
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
+        blocks = self._host_blocks(seq.num_computed_tokens)
+        if 0 < blocks <= self.host_free_blocks and blocks <= len(seq.block_ids):
+            self._swap_out.append((seq.seq_id, list(seq.block_ids[:blocks])))
+            seq.num_swapped_tokens = seq.num_computed_tokens
+            self.host_free_blocks -= blocks
+            self.num_swapped_out_total += 1
         self.kv.free(seq)
         seq.num_computed_tokens = 0
         seq.status = SeqStatus.WAITING
@@ -98,6 +121,7 @@ class Scheduler:
         budget = cfg.max_num_batched_tokens
         scheduled: dict[int, int] = {}  # seq_id -> new tokens, in batch order
         preempted: list[Sequence] = []
+        self._swap_out, self._swap_in = [], []
         swapped = self._balance_progress()
 
         decodes = [s for s in self.running if s.num_uncomputed_tokens == 1]
@@ -136,7 +160,8 @@ class Scheduler:
                     sample=start + num_new == seq.num_tokens,
                 )
             )
-        return SchedulerOutput(chunks=chunks, preempted_seq_ids=[s.seq_id for s in preempted])
+        return SchedulerOutput(chunks=chunks, preempted_seq_ids=[s.seq_id for s in preempted],
+                               swap_out=self._swap_out, swap_in=self._swap_in)
 
     def _balance_progress(self) -> list[Sequence]:
         """The endgame swaps (module docstring): decide whether balancing is on for this step and, while a
@@ -158,6 +183,8 @@ class Scheduler:
         for lag, leader in zip(lagging[:BALANCE_SWAPS], leaders):
             if leader.num_output_tokens - lag.num_output_tokens < cfg.preemption_balance:
                 break
+            if self._host_blocks(leader.num_computed_tokens) > self.host_free_blocks:
+                break  # only by swapping: a recompute per swap costs more than the balance gains (R8-3)
             self._preempt(leader)
             self.num_balance_swaps += 1
             swapped.append(leader)
@@ -177,6 +204,11 @@ class Scheduler:
                 break
             if any(seq is x for x in exclude):
                 continue  # preempted in this very step: its newest token may still be in flight (overlap)
+            if seq.num_swapped_tokens:
+                if not self._swap_in_admit(seq, budget, scheduled):
+                    break
+                budget -= scheduled[seq.seq_id]
+                continue
             parent = seq.parent
             if parent is not None and not parent.is_finished and not (
                 parent.status is SeqStatus.RUNNING and parent.prompt_computed
@@ -202,6 +234,29 @@ class Scheduler:
             scheduled[seq.seq_id] = num_new
             budget -= num_new
         return budget
+
+    def _swap_in_admit(self, seq: Sequence, budget: int, scheduled: dict[int, int]) -> bool:
+        """Admit a swapped-out sequence: blocks for its swapped KV and this step's tokens, the KV copied back into
+        them before the step (swap_in). False (nothing changed) when the pool or the budget is short."""
+        cfg = self.config
+        num_computed = seq.num_swapped_tokens
+        remaining = seq.num_tokens - num_computed
+        if not cfg.enable_chunked_prefill and remaining > budget:
+            return False
+        num_new = min(remaining, budget, cfg.chunk_cap)
+        seq.num_computed_tokens = num_computed
+        if not self.kv.allocate_slots(seq, num_new):
+            seq.num_computed_tokens = 0
+            return False
+        blocks = self._host_blocks(num_computed)
+        self._swap_in.append((seq.seq_id, list(seq.block_ids[:blocks])))
+        self.host_free_blocks += blocks
+        seq.num_swapped_tokens = 0
+        seq.status = SeqStatus.RUNNING
+        self.waiting.remove(seq)
+        self.running.append(seq)
+        scheduled[seq.seq_id] = num_new
+        return True
 
     def update_from_output(self, output: SchedulerOutput, sampled: dict[int, int]) -> list[Sequence]:
         """Advance computed counts after the step ran; append each sampled token. Returns the sequences

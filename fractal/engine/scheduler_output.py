@@ -34,7 +34,12 @@ class ScheduledChunk:
 @dataclass(frozen=True)
 class SchedulerOutput:
     chunks: list[ScheduledChunk] = field(default_factory=list)  # decodes first, then prefill chunks
-    preempted_seq_ids: list[int] = field(default_factory=list)  # sent back to waiting (recompute)
+    preempted_seq_ids: list[int] = field(default_factory=list)  # sent back to waiting (recompute or swap)
+    # KV moves the runner makes before the step, in this order: (seq_id, device block ids) of sequences whose
+    # computed KV goes to host memory (those blocks are free for this step's chunks afterwards), then of
+    # sequences whose KV comes back into newly allocated blocks
+    swap_out: list[tuple[int, list[int]]] = field(default_factory=list)
+    swap_in: list[tuple[int, list[int]]] = field(default_factory=list)
 
     @property
     def num_batched_tokens(self) -> int:

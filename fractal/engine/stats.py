@@ -29,6 +29,7 @@ class EngineStats:
     num_running: int = 0
     num_waiting: int = 0
     num_preempted_total: int = 0
+    num_swapped_out_total: int = 0  # of those, KV kept in host memory (swap_space) instead of recomputed
     num_balance_swaps_total: int = 0  # of those, running decodes that yielded to lagging ones (scheduler.py)
     kv_blocks_total: int = 0
     kv_blocks_used: int = 0

@@ -23,9 +23,12 @@ def add_engine_args(parser: argparse.ArgumentParser, seed_flag: str = "--seed") 
     e.add_argument("--no-chunked-prefill", action="store_true")
     e.add_argument("--no-prefix-caching", action="store_true")
     e.add_argument("--prefill-order", default="fcfs", choices=PREFILL_ORDERS)
-    e.add_argument("--preemption-balance", type=int, default=0,
+    e.add_argument("--preemption-balance", type=int, default=32,
                    help="near the end of a batch that outgrew the KV pool, let a preempted request lag the running "
-                        "ones by at most this many output tokens (0: off)")
+                        "ones by at most this many output tokens, swapping (0: off)")
+    e.add_argument("--swap-space", type=float, default=None,
+                   help="GiB of host memory for the KV of preempted requests, resumed without recompute (0: off; "
+                        "default 4 on CUDA)")
     e.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     e.add_argument("--num-gpu-blocks", type=int, default=None)
     e.add_argument("--kv-cache-memory-bytes", type=int, default=None)
@@ -43,7 +46,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         prefill_chunk_size=args.prefill_chunk_size, enable_chunked_prefill=not args.no_chunked_prefill,
         enable_prefix_caching=not args.no_prefix_caching, prefill_order=args.prefill_order,
-        preemption_balance=args.preemption_balance,
+        preemption_balance=args.preemption_balance, swap_space=args.swap_space,
         gpu_memory_utilization=args.gpu_memory_utilization, num_gpu_blocks=args.num_gpu_blocks,
         kv_cache_memory_bytes=args.kv_cache_memory_bytes, seed=args.seed, floor_gpu=args.floor_gpu,
     )

@@ -94,17 +94,21 @@ def test_prefix_reuse_matches_hf_and_hits(family_model):
     assert outs[0].metrics.num_cached_tokens >= 8
 
 
-@pytest.mark.parametrize("prefix_caching,balance", [(False, 0), (True, 0), (False, 1)])
-def test_tiny_pool_preempts_and_matches_hf(family_model, prefix_caching, balance):
+@pytest.mark.parametrize("prefix_caching,balance,swap_space", [(False, 0, 0), (True, 0, 0), (False, 1, 0),
+                                                                (True, 0, 0.01), (False, 1, 0.01)])
+def test_tiny_pool_preempts_and_matches_hf(family_model, prefix_caching, balance, swap_space):
     path, ref = family_model
     # 8 blocks of 4 = 32 slots for five sequences that need up to 13 + 8 tokens each; balance=1 swaps running
-    # decodes for preempted ones at one token of lag
+    # decodes for preempted ones at one token of lag; swap_space keeps preempted KV in host memory
     llm = LLM(model=path, block_size=4, num_gpu_blocks=8, max_model_len=32, enable_prefix_caching=prefix_caching,
-              preemption_balance=balance)
+              preemption_balance=balance, swap_space=swap_space)
     check(llm.generate(as_prompts(MIXED), GREEDY), MIXED, ref)
     stats = llm.get_stats()
     assert stats.num_preempted_total > 0
-    assert (stats.num_balance_swaps_total > 0) == (balance > 0)
+    assert (stats.num_balance_swaps_total > 0) == (balance > 0 and swap_space > 0)  # balancing only swaps
+    assert (stats.num_swapped_out_total == stats.num_preempted_total) == (swap_space > 0)
+    assert not llm.engine.runner._swapped
+    assert len(llm.engine.runner._host_free) == llm.engine.scheduler.config.num_host_blocks
     assert stats.kv_blocks_used == 0
 
 

@@ -84,8 +84,8 @@ CASES = {
     "preempt": (SamplingParams(temperature=0.0, max_tokens=8),
                 dict(block_size=4, num_gpu_blocks=10, max_model_len=32)),
     # one output token of lag is enough for a swap: running decodes yield to preempted ones (endgame balancing)
-    "preempt_balance": (SamplingParams(temperature=0.0, max_tokens=12),
-                        dict(block_size=4, num_gpu_blocks=10, max_model_len=32, preemption_balance=1)),
+    "preempt_swap": (SamplingParams(temperature=0.0, max_tokens=12),
+                     dict(block_size=4, num_gpu_blocks=10, max_model_len=32, preemption_balance=1, swap_space=0.01)),
     "seeded_n2": (SamplingParams(temperature=0.9, top_p=0.9, seed=7, n=2, max_tokens=6, min_tokens=3),
                   dict(block_size=4)),
     "penalties": (SamplingParams(temperature=0.0, repetition_penalty=1.3, frequency_penalty=0.4, max_tokens=8),
@@ -106,8 +106,9 @@ def test_async_matches_sync(model_path, case):
     assert _summary(async_outs) == _summary(sync_outs)
     if case.startswith("preempt"):
         assert stats.num_preempted_total > 0
-    if case == "preempt_balance":
+    if case == "preempt_swap":
         assert stats.num_balance_swaps_total > 0
+        assert stats.num_swapped_out_total == stats.num_preempted_total
 
 
 def test_async_spends_no_step_on_certain_stops(model_path):

@@ -43,6 +43,7 @@ class PagedSim:
         self.slots: dict[int, int] = {}  # flat slot -> token id written there
         self.steps = []
         self.next_id = 0
+        self.host: dict[int, list[list[int | None]]] = {}  # swapped-out sequences' block contents
 
     def add(self, prompt: list[int], max_tokens: int, n: int = 1) -> list[Sequence]:
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, n=n)
@@ -64,6 +65,17 @@ class PagedSim:
         assert out.num_batched_tokens <= cfg.max_num_batched_tokens
         assert len(out.chunks) <= cfg.max_num_seqs
         assert len({c.seq_id for c in out.chunks}) == len(out.chunks)
+        # the runner's KV moves: out first (those blocks may be reused by this step), then in
+        for seq_id, blocks in out.swap_out:
+            assert seq_id not in self.host
+            self.host[seq_id] = [[self.slots.get(b * self.bs + o) for o in range(self.bs)] for b in blocks]
+        for seq_id, blocks in out.swap_in:
+            saved = self.host.pop(seq_id)
+            assert len(saved) == len(blocks)
+            for b, content in zip(blocks, saved):
+                for o, tok in enumerate(content):
+                    if tok is not None:
+                        self.slots[b * self.bs + o] = tok
         sampled = {}
         for c in out.chunks:
             seq = self.sched.seqs[c.seq_id]
@@ -383,13 +395,14 @@ def _finish_steps(sim) -> dict[int, int]:
 
 def test_preemption_balance_ends_the_second_wave():
     """Sixteen sequences outgrow a 48-block pool midway. Without balancing the preempted ones wait until the
-    others finish and then decode alone (a second wave); with it they take turns with the most advanced ones,
-    so everybody finishes close together, in fewer steps, with the same tokens (run_all checks them)."""
+    others finish and then decode alone (a second wave); with it they take turns with the most advanced ones
+    (swapped out to host memory), so everybody finishes close together, in fewer steps, with the same tokens
+    (run_all checks them)."""
     prompts = [[(i * 7 + j) % VOCAB for j in range(8)] for i in range(16)]
     steps, spread, preempted = {}, {}, {}
     for balance in (0, 4):
         sched = make(num_blocks=48, max_num_seqs=16, max_num_batched_tokens=128, enable_prefix_caching=False,
-                     preemption_balance=balance)
+                     preemption_balance=balance, num_host_blocks=1000)
         sim, _ = run_all(sched, prompts=prompts, max_tokens=24)
         finish = sorted(_finish_steps(sim).values())
         steps[balance], spread[balance], preempted[balance] = len(sim.steps), finish[-1] - finish[0], \
@@ -404,8 +417,39 @@ def test_preemption_balance_ends_the_second_wave():
     assert steps[4] < steps[0] and spread[4] < spread[0]
 
 
-def test_preemption_balance_is_off_by_default_and_validated():
+def test_preemption_balance_needs_swap_space_and_is_validated():
+    prompts = [[(i * 7 + j) % VOCAB for j in range(8)] for i in range(16)]
+    sched = make(num_blocks=48, max_num_seqs=16, max_num_batched_tokens=128, enable_prefix_caching=False,
+                 preemption_balance=4)  # no host blocks: preemption recomputes and balancing never swaps
+    run_all(sched, prompts=prompts, max_tokens=24)
+    assert sched.num_preempted_total > 0 and sched.num_balance_swaps == 0
     assert make().config.preemption_balance == 0
     with pytest.raises(FractalError, match="preemption_balance"):
         from fractal.engine.config import EngineConfig
         EngineConfig(model="x", preemption_balance=-1)
+
+
+
+def test_swap_preemption_resumes_without_recompute():
+    """With swap space every preempted sequence's KV goes to the host and comes back into new blocks (the paged
+    replay copies slot contents both ways, so a wrong block list or count gives wrong tokens): no token is
+    computed twice, and the host blocks are all free again at the end."""
+    prompts = [[(i * 7 + j) % VOCAB for j in range(8)] for i in range(16)]
+    max_tokens = 24
+    for balance in (0, 4):
+        sched = make(num_blocks=48, max_num_seqs=16, max_num_batched_tokens=128, enable_prefix_caching=False,
+                     preemption_balance=balance, num_host_blocks=1000)
+        sim, seqs = run_all(sched, prompts=prompts, max_tokens=max_tokens)
+        assert sched.num_swapped_out_total == sched.num_preempted_total > 0
+        computed = sum(c.num_tokens for out in sim.steps for c in out.chunks)
+        assert computed == sum(len(p) for p in prompts) + len(prompts) * (max_tokens - 1)
+        assert sched.host_free_blocks == 1000 and not sim.host
+
+
+def test_swap_space_too_small_falls_back_to_recompute():
+    prompts = [[(i * 7 + j) % VOCAB for j in range(8)] for i in range(16)]
+    sched = make(num_blocks=48, max_num_seqs=16, max_num_batched_tokens=128, enable_prefix_caching=True,
+                 preemption_balance=4, num_host_blocks=14)  # room for two sequences' KV at most
+    sim, _ = run_all(sched, prompts=prompts, max_tokens=24)
+    assert 0 < sched.num_swapped_out_total < sched.num_preempted_total
+    assert sched.host_free_blocks == 14 and not sim.host
