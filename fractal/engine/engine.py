@@ -72,7 +72,8 @@ class LLMEngine:
         self.max_model_len = wanted_len
         swap_space = config.swap_space if config.swap_space is not None else (
             DEFAULT_CUDA_SWAP_GIB if self.runner.is_cuda else 0.0)
-        num_host_blocks = int(swap_space * 2**30) // self.runner.kv_spec.bytes_per_block(config.block_size)
+        num_host_blocks = self.runner.init_swap_space(
+            int(swap_space * 2**30) // self.runner.kv_spec.bytes_per_block(config.block_size))
         self.scheduler = Scheduler(
             SchedulerConfig(
                 num_blocks=num_blocks,
@@ -89,7 +90,6 @@ class LLMEngine:
             )
         )
         self.runner.allocate_kv_cache(num_blocks, self.max_model_len)
-        self.runner.init_swap_space(num_host_blocks)
         self.warm_up_s = self.runner.warm_up(config.max_num_batched_tokens, self.max_model_len)
         self.runner.capture_cuda_graphs()
         self.async_scheduling = (

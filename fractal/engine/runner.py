@@ -22,6 +22,7 @@ graphs one extra block (index num_blocks, never handed out by the scheduler) tak
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from dataclasses import dataclass
 
@@ -39,6 +40,7 @@ from fractal.layers.sampler import Sampler, SamplingBatch, make_generator
 # KV budget on the CPU when none is given; never more than max_num_seqs full-length sequences need.
 DEFAULT_CPU_KV_BYTES = 256 * 1024**2
 # token id of a decode input that is still on the device (the previous step's sample, overlap mode)
+log = logging.getLogger(__name__)
 PLACEHOLDER = -1
 
 
@@ -286,17 +288,24 @@ class ModelRunner:
             self._host_free = sorted(self._host_free + host_ids)
 
     # --- swap space: preempted sequences' KV in host memory ------------------------------------------------------
-    def init_swap_space(self, num_host_blocks: int) -> None:
+    def init_swap_space(self, num_host_blocks: int) -> int:
         """One host buffer (pinned on CUDA) of `num_host_blocks` KV blocks, each holding one block of every layer
-        contiguously, allocated once: pinning memory per swap costs tens of milliseconds (R8-6)."""
+        contiguously, allocated once: pinning memory per swap costs tens of milliseconds (R8-6). Returns the
+        blocks it holds: 0 (preemption by recompute) when the host cannot give that much memory."""
         self._host_pool, self._host_free = None, []
         if num_host_blocks <= 0:
-            return
-        first = self.kv_caches[0]
-        block_shape = first.shape[:self._block_dim] + first.shape[self._block_dim + 1:]
-        self._host_pool = torch.empty((num_host_blocks, len(self.kv_caches), *block_shape), dtype=first.dtype,
-                                      pin_memory=self.is_cuda)
+            return 0
+        layer = self.kv_spec.layer_shape(1, self.block_size)
+        block_shape = layer[:self._block_dim] + layer[self._block_dim + 1:]
+        try:
+            self._host_pool = torch.empty((num_host_blocks, self.kv_spec.num_layers, *block_shape),
+                                          dtype=self.kv_spec.dtype, pin_memory=self.is_cuda)
+        except RuntimeError as exc:  # out of (pinnable) host memory
+            log.warning("no swap space (%d KV blocks): %s; preempted sequences will be recomputed", num_host_blocks,
+                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            return 0
         self._host_free = list(range(num_host_blocks))
+        return num_host_blocks
 
     @property
     def _block_dim(self) -> int:

@@ -139,3 +139,14 @@ def test_abort_midway_frees_pool(family_model):
     assert engine.scheduler.kv.num_free_blocks == stats.kv_blocks_total
     engine.abort_request("r1")  # finished: a no-op
     assert not engine.has_unfinished_requests()
+
+
+def test_swap_space_the_host_cannot_give_falls_back_to_recompute(family_model, caplog):
+    path, ref = family_model
+    llm = LLM(model=path, block_size=4, num_gpu_blocks=8, max_model_len=32, enable_prefix_caching=False,
+              swap_space=2.0 ** 40)  # a petabyte of host memory: the allocation fails, the engine still starts
+    assert llm.engine.scheduler.config.num_host_blocks == 0 and llm.engine.runner._host_pool is None
+    assert "no swap space" in caplog.text
+    check(llm.generate(as_prompts(MIXED), GREEDY), MIXED, ref)
+    stats = llm.get_stats()
+    assert stats.num_preempted_total > 0 and stats.num_swapped_out_total == 0
