@@ -41,7 +41,8 @@ def timeline(llm, floors, n: int, vocab: int, rng, verbose: bool = False) -> Non
         if not torch.cuda.is_available():
             return {}
         st = torch.cuda.memory_stats()
-        return {k: st.get(k, 0) for k in ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync_all_streams")}
+        keys = ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync_all_streams")
+        return {k: st.get(k, 0) for k in keys}
 
     st0 = engine.get_stats()
     _sync()

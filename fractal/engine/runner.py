@@ -39,8 +39,8 @@ from fractal.layers.sampler import Sampler, SamplingBatch, make_generator
 
 # KV budget on the CPU when none is given; never more than max_num_seqs full-length sequences need.
 DEFAULT_CPU_KV_BYTES = 256 * 1024**2
-# token id of a decode input that is still on the device (the previous step's sample, overlap mode)
 log = logging.getLogger(__name__)
+# token id of a decode input that is still on the device (the previous step's sample, overlap mode)
 PLACEHOLDER = -1
 
 
@@ -179,7 +179,7 @@ class ModelRunner:
         # the previous step's sampled ids on the device, and each sampled sequence's row in it (overlap)
         self._prev_sampled: torch.Tensor | None = None
         self._prev_rows: dict[int, int] = {}
-        self._swapped: dict[int, list[int]] = {}  # seq_id -> the host blocks of its swapped-out KV (apply_swaps)
+        self._swapped: dict[int, list[int]] = {}  # seq_id -> host blocks of its swapped-out KV (apply_swaps)
         self._host_pool: torch.Tensor | None = None
         self._host_free: list[int] = []
 

@@ -16,15 +16,16 @@ swapped out (`SchedulerOutput.swap_out`; the runner copies it to host memory bef
 on admission into new blocks (`swap_in`) instead of being computed again; otherwise it is preempted by
 recompute (its output so far is kept and recomputed as part of its prompt).
 
-Balancing in the endgame (`preemption_balance` = B > 0, with swap space): once every unfinished sequence's tokens
-add up to at most BALANCE_WINDOW pools, and a preempted sequence waits B or more output tokens behind the most
-advanced running decode, that decode is swapped out in its place (up to BALANCE_SWAPS such pairs per step, each
-only if the swap space takes its KV), and waiting sequences are admitted least output first. Without it, sequences preempted in a batch that outgrows the pool wait until the rest
-finish and then decode alone at a small batch for most of their output (a "second wave"), although an MoE
-decode step costs nearly the same at batch 60 as at 250 (every expert's weights are read either way). With it
-the unfinished sequences finish close together, at the cost of two copies over PCIe per swap. Balancing by
-recompute instead lost (each swap made a graph-replayed decode step an eager mixed one with a ~600-token
-recompute), hence "only by swapping". Measurements: docs/engine.md and docs/perf-notes.md round 8.
+Balancing in the endgame (`preemption_balance` = B > 0, with swap space): once every unfinished sequence's
+tokens add up to at most BALANCE_WINDOW pools, and a preempted sequence waits B or more output tokens behind
+the most advanced running decode, that decode is swapped out in its place (up to BALANCE_SWAPS such pairs per
+step, each only if the swap space takes its KV), and waiting sequences are admitted least output first.
+Without it, sequences preempted in a batch that outgrows the pool wait until the rest finish and then decode
+alone at a small batch for most of their output (a "second wave"), although an MoE decode step costs nearly
+the same at batch 60 as at 250 (every expert's weights are read either way). With it the unfinished sequences
+finish close together, at the cost of two copies over PCIe per swap. Balancing by recompute instead lost
+(each swap made a graph-replayed decode step an eager mixed one with a ~600-token recompute), hence "only by
+swapping". Measurements: docs/engine.md and docs/perf-notes.md round 8.
 
 `num_computed_tokens` advances in `update_from_output`, after the step ran, so a prefix block is only
 offered to others once its KV really is in the cache.
