@@ -182,7 +182,8 @@ def test_triton_backend_matches_reference_with_add():
 
 # --- round 4: large-T config (128-row blocks, 8 warps, GROUP_M swizzle) -----------------------------------
 from fractal.kernels import moe_experts as _moe_experts  # noqa: E402
-from fractal.kernels.moe_fused_gemm import LARGE_BLOCK_M, launch_configs  # noqa: E402
+from fractal.kernels.moe_fused_gemm import (LARGE_BLOCK_M, MID64_DOWN_CONFIG, MID64_GATE_UP_CONFIG,  # noqa: E402
+                                            launch_configs)
 
 
 def _pair_outputs_ref(hidden, w13, w2, ids):
@@ -200,6 +201,7 @@ def _pair_outputs_ref(hidden, w13, w2, ids):
 @pytest.mark.parametrize("bm,gu,dn,gm", [(128, (64, 64, 8, 3), (128, 64, 8, 3), 8),
                                          (128, (128, 64, 8, 3), (256, 64, 8, 3), 8),
                                          (64, (128, 64, 8, 3), (128, 64, 4, 4), 8),
+                                         (64, (64, 128, 4, 4), (64, 64, 4, 3), 0),  # the 64-row mid configs
                                          (16, (32, 32, 4, 2), (32, 32, 4, 2), 3),   # partial last group
                                          (16, (32, 32, 4, 2), (32, 32, 4, 2), 1)])
 def test_fused_moe_mlp_large_configs_and_swizzle(bm, gu, dn, gm):
@@ -223,6 +225,7 @@ def test_block_m_by_rows_per_expert_and_expert_width():
     assert launch_configs(64 * 12, 64, 1408)[0] == 16 and launch_configs(128 * 16, 128, 768)[0] == 32
     assert launch_configs(64 * 48, 64, 1408)[0] == 64 and launch_configs(64 * 40, 64, 1408)[0] == 32
     assert launch_configs(128 * 48, 128, 768)[0] == 32 and launch_configs(128 * 48, 128)[0] == 32
+    assert launch_configs(64 * 48, 64, 1408)[1:] == (MID64_GATE_UP_CONFIG, MID64_DOWN_CONFIG, 0)
 
 
 @kernels_here
