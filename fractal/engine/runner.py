@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from contextlib import nullcontext as _nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -182,6 +183,7 @@ class ModelRunner:
         self._swapped: dict[int, list[int]] = {}  # seq_id -> host blocks of its swapped-out KV (apply_swaps)
         self._host_pool: torch.Tensor | None = None
         self._host_free: list[int] = []
+        self._copy_stream = None  # CUDA: the swap copies' stream (init_swap_space)
 
     # --- KV pool -------------------------------------------------------------------------------------
     def size_kv_pool(self, max_model_len: int) -> int:
@@ -305,6 +307,7 @@ class ModelRunner:
                         str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
             return 0
         self._host_free = list(range(num_host_blocks))
+        self._copy_stream = torch.cuda.Stream(self.device) if self.is_cuda else None
         return num_host_blocks
 
     @property
@@ -321,28 +324,48 @@ class ModelRunner:
                 start = i
 
     def apply_swaps(self, output: SchedulerOutput) -> None:
-        """The step's KV moves, enqueued on the current stream before its forward (so they see every earlier step's
-        writes and precede this step's): swap_out gathers each sequence's blocks of every layer and copies them
-        into free host blocks (asynchronously on CUDA), swap_in copies them back into the new blocks. Host blocks
-        freed by a swap_in are reused only by later copies on the same stream, after it."""
+        """The step's KV moves, enqueued before its forward. On the compute stream, in order: the swap-out gathers
+        (each sequence's blocks of every layer into one staging tensor; they see every earlier step's writes, and
+        this step may hand those blocks to others) and then the swap-in scatters (into the new blocks, possibly
+        the same ones). The PCIe copies run on a copy stream so that they overlap the GPU's work: host -> device
+        starts at once (the previous step is usually still running) and the scatters wait for it; device -> host
+        starts after its gather and overlaps this step. The host -> device staging memory comes from the copy
+        stream's pool, which keeps those segments cached for that stream (R8-12). Host blocks are reused only by
+        later copies on the copy stream, so after the copies that read them."""
         if not (output.swap_out or output.swap_in):
             return
         dim, pool, layers = self._block_dim, self._host_pool, len(self.kv_caches)
+        cuda = self.is_cuda
+        main = torch.cuda.current_stream() if cuda else None
+        copy = self._copy_stream
+        incoming = []
+        for seq_id, blocks in output.swap_in:  # host -> device first: nothing on the GPU has to finish for it
+            host_ids = self._swapped.pop(seq_id)
+            with torch.cuda.stream(copy) if cuda else _nullcontext():
+                staged = torch.empty((len(blocks), layers, *pool.shape[2:]), dtype=pool.dtype, device=self.device)
+                for first, count, offset in self._runs(host_ids):
+                    staged[offset:offset + count].copy_(pool[first:first + count], non_blocking=cuda)
+            incoming.append((blocks, staged, host_ids))
+        arrived = copy.record_event() if cuda and incoming else None
         for seq_id, blocks in output.swap_out:
-            index = torch.tensor(blocks, dtype=torch.long, device=self.device)
+            index = self._h2d(blocks, torch.long)
             staged = torch.empty((len(blocks), layers, *pool.shape[2:]), dtype=pool.dtype, device=self.device)
             for layer, cache in enumerate(self.kv_caches):
                 staged[:, layer].copy_(cache.index_select(dim, index).movedim(dim, 0))
             host_ids, self._host_free = self._host_free[:len(blocks)], self._host_free[len(blocks):]
-            for first, count, offset in self._runs(host_ids):
-                pool[first:first + count].copy_(staged[offset:offset + count], non_blocking=self.is_cuda)
+            if cuda:
+                copy.wait_stream(main)  # after the gather
+                staged.record_stream(copy)
+            with torch.cuda.stream(copy) if cuda else _nullcontext():
+                for first, count, offset in self._runs(host_ids):
+                    pool[first:first + count].copy_(staged[offset:offset + count], non_blocking=cuda)
             self._swapped[seq_id] = host_ids
-        for seq_id, blocks in output.swap_in:
-            host_ids = self._swapped.pop(seq_id)
-            staged = torch.empty((len(blocks), layers, *pool.shape[2:]), dtype=pool.dtype, device=self.device)
-            for first, count, offset in self._runs(host_ids):
-                staged[offset:offset + count].copy_(pool[first:first + count], non_blocking=self.is_cuda)
-            index = torch.tensor(blocks, dtype=torch.long, device=self.device)
+        if arrived is not None:
+            main.wait_event(arrived)
+        for blocks, staged, host_ids in incoming:
+            if cuda:
+                staged.record_stream(main)
+            index = self._h2d(blocks, torch.long)
             for layer, cache in enumerate(self.kv_caches):
                 cache.index_copy_(dim, index, staged[:, layer].movedim(0, dim))
             self._host_free = sorted(self._host_free + host_ids)
