@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fractal.kernels.cuda_graphs import replay_us
+from fractal.kernels.cuda_graphs import calls_us
 from fractal.kernels.moe_experts import (GEMV_DOWN_CONFIG, GEMV_GATE_UP_CONFIG, _gemv_down_kernel,
                                          _gemv_gate_up_kernel)
 
@@ -30,22 +30,6 @@ GATE_UP_CONFIGS = [GEMV_GATE_UP_CONFIG] + [c for c in itertools.product((4, 8, 1
                                            if c != GEMV_GATE_UP_CONFIG and 2 * c[0] * c[1] <= 64 * 32 * c[2]]
 DOWN_CONFIGS = [GEMV_DOWN_CONFIG] + [c for c in itertools.product((8, 16, 32, 64), (128, 256, 512), (2, 4))
                                      if c != GEMV_DOWN_CONFIG and c[0] * c[1] <= 64 * 32 * c[2]]
-
-
-def _graph_us(fns, reps=10):
-    for f in fns:
-        f()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        with torch.cuda.graph(g, stream=s):
-            for _ in range(5):
-                for f in fns:
-                    f()
-    torch.cuda.synchronize()
-    return replay_us(g, reps) / (5 * len(fns))
 
 
 def sweep(name, E, H, I, k, shared_mult):
@@ -97,7 +81,7 @@ def sweep(name, E, H, I, k, shared_mult):
         res = []
         for cfg in cfgs:
             try:
-                us = _graph_us([make(L, o, cfg) for L, o in zip(layers, outs)])
+                us = calls_us([make(L, o, cfg) for L, o in zip(layers, outs)])
                 res.append((us, cfg, torch.allclose(outs[0].float(), ref.float(), atol=2e-2, rtol=2e-2)))
             except Exception as e:
                 print(f"  {label} {cfg} FAILED {type(e).__name__}: {str(e)[:100]}")
@@ -137,14 +121,14 @@ def dense() -> None:
             base = [lambda w=w: torch.nn.functional.linear(x, w) for w in ws]
             ours = lambda cfg: [lambda w=w: gemv(x, w, cfg) for w in ws]  # noqa: E731
         ref = base[0]().float()
-        us = _graph_us(base)
+        us = calls_us(base)
         line = f"  {label:28s} cuBLAS {us:7.2f} us {nbytes / us / 1e6:5.2f} TB/s |"
         res = []
         for cfg in DENSE_CONFIGS:
             try:
                 fns = ours(cfg)
                 ok = torch.allclose(fns[0]().float(), ref, atol=2e-2, rtol=2e-2)
-                res.append((_graph_us(fns), cfg, ok))
+                res.append((calls_us(fns), cfg, ok))
             except Exception as e:
                 print(f"  {label} {cfg} FAILED {type(e).__name__}: {str(e)[:100]}")
         for t, cfg, ok in sorted(res)[:3]:

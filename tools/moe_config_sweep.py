@@ -14,26 +14,11 @@ import itertools
 
 import torch
 
-from fractal.kernels.cuda_graphs import replay_us
+from fractal.kernels.cuda_graphs import calls_us
 from fractal.kernels.moe_fused_gemm import fused_moe_mlp, launch_configs
 
 MODELS = {"dsv2lite": (64, 2048, 1408, 6), "qwen3moe": (128, 2048, 768, 8)}  # E, H, I, top-k
 CONFIGS = [(bn, bk, w, s) for bn, bk in itertools.product((64, 128), (64, 128)) for w, s in ((4, 3), (4, 4), (8, 3), (8, 4))]
-
-
-def _graph_us(fns, reps=10):
-    for f in fns:
-        f()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s), torch.cuda.graph(g, stream=s):
-        for _ in range(3):
-            for f in fns:
-                f()
-    torch.cuda.synchronize()
-    return replay_us(g, reps) / (3 * len(fns))
 
 
 def sweep(model: str, T: int) -> None:
@@ -52,7 +37,7 @@ def sweep(model: str, T: int) -> None:
         fns = [lambda w13=w13, w2=w2: fused_moe_mlp(x, w13, w2, ids, bm, gu, dn, gm) for w13, w2 in layers]
         out = fns[0]().float()
         ok = torch.allclose(out, ref, atol=2e-2, rtol=2e-2)
-        return _graph_us(fns), ok
+        return calls_us(fns, repeats=3), ok
 
     base, _ = run(gu0, dn0)
     print(f"\n== {model} T={T}: {T * k} pairs, block_m {bm}, default gate/up {gu0} down {dn0}: {base:.1f} us "

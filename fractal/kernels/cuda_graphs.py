@@ -114,3 +114,20 @@ def replay_us(graph: torch.cuda.CUDAGraph, reps: int = 10, warm: int = 3) -> flo
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) * 1e3 / reps
+
+
+def calls_us(fns, repeats: int = 5, reps: int = 10) -> float:
+    """Mean microseconds per call of `fns` (callables that launch GPU work), each run once eagerly (compiles,
+    allocations), then captured `repeats` times over in one CUDA graph and timed with replay_us."""
+    for f in fns:
+        f()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        for _ in range(repeats):
+            for f in fns:
+                f()
+    torch.cuda.synchronize()
+    return replay_us(graph, reps) / (repeats * len(fns))
