@@ -145,8 +145,12 @@ class ServerMetrics:
                                          "cache since start.")
         self.prefix_queries = EngineCounter("fractal_prefix_cache_queries_total", "Prompt tokens looked up in "
                                             "the prefix cache since start.")
-        self.preemptions = EngineCounter("fractal_num_preemptions_total", "Sequences preempted (KV dropped) "
-                                         "since start.")
+        self.preemptions = EngineCounter("fractal_num_preemptions_total", "Sequences preempted (KV dropped "
+                                         "from the GPU) since start.")
+        self.swapped_out = EngineCounter("fractal_num_swapped_out_total", "Of those, sequences whose KV went to "
+                                         "the swap space (resumed without recompute).")
+        self.balance_swaps = EngineCounter("fractal_num_balance_swaps_total", "Of those, running sequences "
+                                           "swapped out for lagging ones (preemption balancing).")
         self.step_time = Gauge("fractal_engine_last_step_seconds", "Wall time of the engine's last model step.")
         self.engine_steps = Counter("fractal_engine_steps_total", "Engine steps run.")
         self.step_floor = Gauge("fractal_engine_last_step_floor_seconds", "Four-resource floor of the last step "
@@ -179,6 +183,8 @@ class ServerMetrics:
         self.prefix_hits.set(get("prefix_cache_hits", 0))
         self.prefix_queries.set(get("prefix_cache_queries", 0))
         self.preemptions.set(get("num_preempted_total", 0))
+        self.swapped_out.set(get("num_swapped_out_total", 0))
+        self.balance_swaps.set(get("num_balance_swaps_total", 0))
         self.step_time.set(get("last_step_time_s", 0.0) or 0.0)
         floor = get("last_step_floor_s", None) or 0.0
         self.step_floor.set(floor)
@@ -190,9 +196,9 @@ class ServerMetrics:
         families = [self.requests, self.http_errors, self.rejected, self.prompt_tokens, self.generation_tokens,
                     self.in_flight, self.num_running, self.num_waiting, self.kv_blocks_used,
                     self.kv_blocks_total, self.kv_usage, self.prefix_hit_rate, self.prefix_hits,
-                    self.prefix_queries, self.preemptions, self.step_time, self.engine_steps, self.step_floor,
-                    self.step_floor_ratio, self.step_time_total, self.step_floor_total, self.ttft,
-                    self.tpot, self.e2e, self.output_len]
+                    self.prefix_queries, self.preemptions, self.swapped_out, self.balance_swaps, self.step_time,
+                    self.engine_steps, self.step_floor, self.step_floor_ratio, self.step_time_total,
+                    self.step_floor_total, self.ttft, self.tpot, self.e2e, self.output_len]
         lines: list[str] = []
         for family in families:
             lines += family.render()

@@ -61,3 +61,12 @@ def test_no_floor_gpu_reports_zero():
     metrics.update_engine_stats({"last_step_time_s": 0.01})
     text = metrics.render()
     assert metric(text, "fractal_engine_last_step_floor_ratio") == 0.0
+
+
+def test_metrics_expose_preemption_counts():
+    metrics = ServerMetrics()
+    metrics.update_engine_stats({"num_preempted_total": 7, "num_swapped_out_total": 5, "num_balance_swaps_total": 2})
+    text = metrics.render()
+    assert metric(text, "fractal_num_preemptions_total") == 7
+    assert metric(text, "fractal_num_swapped_out_total") == 5
+    assert metric(text, "fractal_num_balance_swaps_total") == 2
