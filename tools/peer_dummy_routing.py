@@ -46,7 +46,7 @@ def run(name: str, steps: int, batch: int) -> None:
     for step in range(steps):
         x = rms_norm(emb[tok], g)
         experts = torch.softmax((x @ gate.t()).float(), -1).topk(K).indices.unique().numel()
-        tok = (rms_norm(emb[tok], g) @ lm_head.t()).argmax(-1)
+        tok = (x @ lm_head.t()).argmax(-1)
         rows.append((step, tok.unique().numel(), experts))
     for step, toks, experts in rows:
         if step in (0, 1, 2, 4, 8, 16, 32, 64, 128, steps - 1):

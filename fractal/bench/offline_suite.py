@@ -365,26 +365,18 @@ def format_table(rows: list[dict], title: str | None = None) -> str:
     return "\n".join(lines)
 
 
-def _suite_in_child(model: str, argv: list[str]) -> list[dict]:
+def _suite_in_child(model: str, args: argparse.Namespace, rows: list[str]) -> list[dict]:
     """run_suite for one model in a fresh interpreter (same options); its rows come back through a JSON file."""
     import os
     import subprocess
     import tempfile
 
-    keep, skip = [], False
-    for i, a in enumerate(argv):  # drop every --model (and --json: the child writes its own)
-        if skip:
-            skip = False
-            continue
-        if a in ("--model", "--json"):
-            skip = True
-            continue
-        if a.startswith(("--model=", "--json=")):
-            continue
-        keep.append(a)
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rows.json")
-        cmd = [sys.executable, "-m", "fractal.bench.offline_suite", "--model", model, "--json", out, *keep]
+        cmd = [sys.executable, "-m", "fractal.bench.offline_suite", "--model", model, "--json", out,
+               "--gpu", args.gpu, "--load-format", args.load_format, "--rows", ",".join(rows)]
+        if args.profile_dir:
+            cmd += ["--profile-dir", args.profile_dir]
         proc = subprocess.run(cmd, stdout=subprocess.DEVNULL)
         if not os.path.exists(out):
             raise FractalError(f"the suite's process for {model} exited with {proc.returncode} and no rows")
@@ -416,7 +408,7 @@ def main(argv: list[str]) -> int:
         profile = f"{args.profile_dir}/profile-{model.replace('/', '_')}.txt" if args.profile_dir else None
         try:
             if len(args.model) > 1 and not args.same_process:
-                result = _suite_in_child(model, argv)
+                result = _suite_in_child(model, args, rows)
             else:
                 result = run_suite(model, gpu=args.gpu, rows=rows, profile_path=profile,
                                    engine_kwargs={"load_format": args.load_format})

@@ -285,9 +285,7 @@ class ModelRunner:
 
     def free(self, seq_id: int) -> None:
         self.generators.pop(seq_id, None)
-        host_ids = self._swapped.pop(seq_id, None)
-        if host_ids:
-            self._host_free = sorted(self._host_free + host_ids)
+        self._release_host_blocks(self._swapped.pop(seq_id, None) or [])
 
     # --- swap space: preempted sequences' KV in host memory ------------------------------------------------------
     def init_swap_space(self, num_host_blocks: int) -> int:
@@ -368,6 +366,11 @@ class ModelRunner:
             index = self._h2d(blocks, torch.long)
             for layer, cache in enumerate(self.kv_caches):
                 cache.index_copy_(dim, index, staged[:, layer].movedim(0, dim))
+            self._release_host_blocks(host_ids)
+
+    def _release_host_blocks(self, host_ids: list[int]) -> None:
+        """Host blocks back to the free list, kept sorted so that later swap-outs get long consecutive runs."""
+        if host_ids:
             self._host_free = sorted(self._host_free + host_ids)
 
     def _h2d(self, data, dtype: torch.dtype) -> torch.Tensor:

@@ -33,7 +33,7 @@ offered to others once its KV really is in the cache.
 from __future__ import annotations
 
 from fractal.engine.config import SchedulerConfig
-from fractal.engine.kv_cache_manager import KVCacheManager
+from fractal.engine.kv_cache_manager import KVCacheManager, cdiv
 from fractal.engine.request import Sequence, SeqStatus
 from fractal.engine.scheduler_output import ScheduledChunk, SchedulerOutput
 
@@ -93,7 +93,7 @@ class Scheduler:
         self.seqs.pop(seq.seq_id, None)
 
     def _host_blocks(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.config.block_size)
+        return cdiv(num_tokens, self.config.block_size)
 
     def _drop_swapped(self, seq: Sequence) -> None:
         """A swapped-out sequence ends while waiting: its host blocks are free again (the runner drops the copy)."""
