@@ -301,12 +301,12 @@ def bench_r6_moe():
     import fractal.kernels.moe_fused_gemm as mfg
     from fractal.kernels.moe_experts import fused_experts
 
-    names = ("SMALL_MAX_ROWS_PER_EXPERT", "MID_MAX_ROWS_PER_EXPERT", "WIDE_MID_MAX_ROWS_PER_EXPERT")
+    names = ("SMALL_MAX_ROWS_PER_EXPERT", "MID32_MAX_ROWS_PER_EXPERT")
 
     def with_thresholds(small, mid):
         def fn(*args):
             old = [getattr(mfg, a) for a in names]
-            for a, v in zip(names, (small, mid, mid)):
+            for a, v in zip(names, (small, mid)):
                 setattr(mfg, a, v)
             try:
                 return fused_experts(*args, backend="triton")
@@ -324,6 +324,12 @@ def bench_r6_large():
     """Round 6: prefill-chunk sizes of preempting / mixed steps (8k-50k pairs): the Triton path with its config for
     the size against grouped_mm."""
     _moe_triton_vs_grouped("moe_r6large", (1024, 2048, 3072, 4096, 6144))
+
+
+def bench_r9_large():
+    """Round 9: with the expert-major tile order, the Triton path against grouped_mm at prefill-step sizes up to
+    the suite's 16k-token budget (TRITON_MAX_PAIRS sits at 32k pairs: 5.4k / 4k tokens)."""
+    _moe_triton_vs_grouped("moe_r9large", (4096, 8192, 16384))
 
 
 def bench_r6_mla():
@@ -566,6 +572,7 @@ SECTIONS["sweep"] = bench_sweep
 SECTIONS["r6moe"] = bench_r6_moe
 SECTIONS["r6mla"] = bench_r6_mla
 SECTIONS["r6large"] = bench_r6_large
+SECTIONS["r9large"] = bench_r9_large
 SECTIONS["moe_sweep"] = bench_moe_sweep
 SECTIONS["moe_large"] = bench_moe_large
 SECTIONS["moe_mid"] = bench_moe_mid
@@ -593,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
     measure_ceilings()
     only = [s for s in args.only.split(",") if s]
     for name, fn in SECTIONS.items():
-        if (only and name not in only) or (not only and name in ("sweep", "moe_sweep", "moe_large", "moe_mid", "r6moe", "r6mla", "r6large")):  # sweeps only when asked for
+        if (only and name not in only) or (not only and name in ("sweep", "moe_sweep", "moe_large", "moe_mid", "r6moe", "r6mla", "r6large", "r9large")):  # sweeps only when asked for
             continue
         print(f"[{name}]", flush=True)
         try:

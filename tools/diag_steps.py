@@ -159,7 +159,8 @@ def main(argv=None) -> int:
     p.add_argument("--sequence", type=int, default=0, help="print the first N kernels of a profiled decode step in order")
     p.add_argument("--mixed", default="", help="n_prefill,prefill_len,n_decode,decode_ctx: profile one mixed step")
     p.add_argument("--set", action="append", default=[],
-                   help="module.ATTR=int before the engine starts, e.g. fractal.kernels.moe_experts.TRITON_MAX_PAIRS=2048")
+                   help="module.ATTR=VALUE (a Python literal) before the engine starts, e.g. "
+                        "fractal.kernels.moe_experts.TRITON_MAX_PAIRS=2048 or fractal.kernels.moe_fused_gemm.GROUP_M=0")
     p.add_argument("--verbose", action="store_true", help="list every prefill-carrying step of each --gen")
     p.add_argument("--repeat-gen", action="store_true", help="run each --gen twice (JIT of new shapes vs warm)")
     p.add_argument("--engine", default="", help="extra engine kwargs, k=v,k=v (ints parsed)")
@@ -178,12 +179,13 @@ def main(argv=None) -> int:
                 extra[k] = float(v)
             except ValueError:
                 extra[k] = v == "true" if v in ("true", "false") else v
+    import ast
     import importlib
 
     for item in args.set:
         target, value = item.split("=")
         module, attr = target.rsplit(".", 1)
-        setattr(importlib.import_module(module), attr, int(value))
+        setattr(importlib.import_module(module), attr, ast.literal_eval(value))
         print(f"set {target} = {value}")
     for model in args.model:
         model_dir, _ = resolve_model_dir(model)

@@ -15,9 +15,9 @@ Pipeline (four launches + the combine kernel of moe_experts; no host sync, graph
   4. _down_kernel         per (block, BLOCK_N columns of H): y[pair] = a[pair] @ w2[e]^T.
 Sorted rows are padded per expert to BLOCK_M; each weight tile is read once per block, and the blocks of one
 expert are adjacent in launch order, so a second block of the same expert finds it in L2. Both GEMMs run on a
-1-D grid mapped by _tile_of: round 3's order (all blocks of column tile 0, then tile 1) for the small configs,
-a GROUP_M swizzle (runs of GROUP_M blocks over all column tiles) for the round-4 large-T config
-(launch_configs picks by mean pairs per expert).
+1-D grid mapped by _tile_of: runs of group_m blocks sweep all column tiles before the next run. launch_configs
+gives group_m 1 (expert-major: every column tile of one block, then the next block) at every size since round 9;
+group_m 0 = round 3's column-major order (all blocks of column tile 0, then tile 1), kept for A/B runs.
 """
 from __future__ import annotations
 
@@ -239,14 +239,22 @@ DOWN_CONFIG = (64, 128, 4, 4)
 # Round 6 (tools/bench_kernels.py --only r6moe, graph replay, us per layer): 32-row blocks from 13 rows per expert
 # (qwen3moe T=256, 16 rows: 450 vs 461 with 16-row blocks; dsv2lite T=128, 12 rows: equal); wide experts
 # (I >= 1024) take 64-row blocks from 41 rows (dsv2lite T=512, 48 rows: 461-468 vs 480-482 with 32; T=384, 36 rows:
-# 447 vs 454 the other way), narrow ones stay at 32 up to 48 (qwen3moe T=768: 537 vs 579 with 64).
+# 447 vs 454 the other way), narrow ones stayed at 32 up to 48 (qwen3moe T=768: 537 vs 579 with 64); both in
+# round 3's column-major tile order, which round 9 replaced (below).
+# Round 9 (R9-5 .. R9-7, H100, graph replay, us per layer): the expert-major tile order (group_m 1: all column tiles
+# of one block before the next block) beats round 3's column-major order at every size and the GROUP_M=8 swizzle
+# of the large configs: dsv2lite T=64 381 -> 378, T=256 402 -> 393, T=512 422 -> 405, T=2048 643 -> 619, T=4096
+# 1040 -> 980; qwen3moe T=256 430 -> 421, T=512 456 -> 444, T=2048 601 -> 590 (the activation rows a program
+# gathers are the ones the programs just before it gathered). With it, 64-row blocks win from 25 mean rows per
+# expert for narrow and wide experts alike (dsv2lite 36 rows 400 vs 420 with 32-row blocks, qwen3moe 40 rows 447
+# vs 478, 48 rows 452 vs 494; equal at 24).
 SMALL_MAX_ROWS_PER_EXPERT = 12     # BLOCK_M 16 up to this mean pairs per expert
-MID_MAX_ROWS_PER_EXPERT = 48       # BLOCK_M 32 up to this mean pairs per expert; above it the large config
-WIDE_EXPERT_MIN_INTER = 1024
-WIDE_MID_MAX_ROWS_PER_EXPERT = 40  # ... for experts with intermediate size >= WIDE_EXPERT_MIN_INTER
+MID32_MAX_ROWS_PER_EXPERT = 24     # BLOCK_M 32 up to this, then 64
+MID_MAX_ROWS_PER_EXPERT = 48       # BLOCK_M 64 up to this mean pairs per expert; above it the large config
 # Round 8 (tools/moe_config_sweep.py, R8-9, dsv2lite T=512, 48 rows per expert in 64-row blocks, us per layer):
 # gate/up (64, 128, 4, 4) 436.5 and down (64, 64, 4, 3) 428.7 against 443.9 for the defaults; the 32- and
-# 16-row classes (dsv2lite T=256, qwen3moe T=256) were within 1 % of the defaults with every config.
+# 16-row classes (dsv2lite T=256, qwen3moe T=256) were within 1 % of the defaults with every config. Round 9
+# re-swept the 64-row class in the expert-major order: the same two stay best (405.0 / 404.8 us).
 MID64_GATE_UP_CONFIG = (64, 128, 4, 4)
 MID64_DOWN_CONFIG = (64, 64, 4, 3)
 LARGE_BLOCK_M = 128
@@ -255,43 +263,40 @@ LARGE_DOWN_CONFIG = (128, 64, 8, 3)
 XL_MIN_ROWS_PER_EXPERT = 384
 XL_GATE_UP_CONFIG = (128, 64, 8, 3)
 XL_DOWN_CONFIG = (256, 64, 8, 3)
-LARGE_GROUP_M = 8
+GROUP_M = 1                        # expert-major tile order for every size class (round 9)
 
 
-def block_m_for(num_pairs: int, num_experts: int, inter: int = 0) -> int:
+def block_m_for(num_pairs: int, num_experts: int) -> int:
     """Rows per block: about the mean rows per expert, 16..64 (tl.dot needs >= 16); LARGE_BLOCK_M above
     MID_MAX_ROWS_PER_EXPERT (no fractional sliver between the mid and the large configs: each size class is one
-    set of binaries, compiled by the warm-up). inter = the experts' intermediate size (wide experts switch to 64
-    earlier)."""
+    set of binaries, compiled by the warm-up)."""
     mean = num_pairs / max(1, num_experts)
     if mean > MID_MAX_ROWS_PER_EXPERT:
         return LARGE_BLOCK_M
-    mid = WIDE_MID_MAX_ROWS_PER_EXPERT if inter >= WIDE_EXPERT_MIN_INTER else MID_MAX_ROWS_PER_EXPERT
-    return 16 if mean <= SMALL_MAX_ROWS_PER_EXPERT else (32 if mean <= mid else 64)
+    return 16 if mean <= SMALL_MAX_ROWS_PER_EXPERT else (32 if mean <= MID32_MAX_ROWS_PER_EXPERT else 64)
 
 
-def launch_configs(num_pairs: int, num_experts: int, inter: int = 0) -> tuple[int, tuple, tuple, int]:
-    """(block_m, gate/up config, down config, group_m) for num_pairs pairs over num_experts experts of
-    intermediate size inter. group_m 0 = no swizzle (round 3's launch order)."""
-    bm = block_m_for(num_pairs, num_experts, inter)
+def launch_configs(num_pairs: int, num_experts: int) -> tuple[int, tuple, tuple, int]:
+    """(block_m, gate/up config, down config, group_m) for num_pairs pairs over num_experts experts."""
+    bm = block_m_for(num_pairs, num_experts)
     mean = num_pairs / max(1, num_experts)
     if mean >= XL_MIN_ROWS_PER_EXPERT:
-        return bm, XL_GATE_UP_CONFIG, XL_DOWN_CONFIG, LARGE_GROUP_M
+        return bm, XL_GATE_UP_CONFIG, XL_DOWN_CONFIG, GROUP_M
     if mean > MID_MAX_ROWS_PER_EXPERT:
-        return bm, LARGE_GATE_UP_CONFIG, LARGE_DOWN_CONFIG, LARGE_GROUP_M
+        return bm, LARGE_GATE_UP_CONFIG, LARGE_DOWN_CONFIG, GROUP_M
     if bm == 64:
-        return bm, MID64_GATE_UP_CONFIG, MID64_DOWN_CONFIG, 0
-    return bm, GATE_UP_CONFIG, DOWN_CONFIG, 0
+        return bm, MID64_GATE_UP_CONFIG, MID64_DOWN_CONFIG, GROUP_M
+    return bm, GATE_UP_CONFIG, DOWN_CONFIG, GROUP_M
 
 
 def fused_moe_mlp(hidden, w13, w2, topk_ids, block_m=None, gate_up_config=None, down_config=None, group_m=None):
     """y [T*k, H]: row t*k + j = expert_{ids[t, j]}(hidden[t]) (unweighted), through the aligned-block GEMMs.
-    Arguments left None come from launch_configs(T*k, E); group_m 0 = no swizzle."""
+    Arguments left None come from launch_configs(T*k, E); group_m 0 = round 3's column-major order."""
     T, k = topk_ids.shape
     E, two_i, H = w13.shape
     I = two_i // 2
     n = T * k
-    d_bm, d_gu, d_dn, d_gm = launch_configs(n, E, I)
+    d_bm, d_gu, d_dn, d_gm = launch_configs(n, E)
     block_m = block_m or d_bm
     group_m = d_gm if group_m is None else group_m
     sorted_ids, block_expert = moe_align_triton(topk_ids, E, block_m)

@@ -202,6 +202,7 @@ def _pair_outputs_ref(hidden, w13, w2, ids):
                                          (128, (128, 64, 8, 3), (256, 64, 8, 3), 8),
                                          (64, (128, 64, 8, 3), (128, 64, 4, 4), 8),
                                          (64, (64, 128, 4, 4), (64, 64, 4, 3), 0),  # the 64-row mid configs
+                                         (64, (64, 128, 4, 4), (64, 64, 4, 3), 1),  # ... expert-major order
                                          (16, (32, 32, 4, 2), (32, 32, 4, 2), 3),   # partial last group
                                          (16, (32, 32, 4, 2), (32, 32, 4, 2), 1)])
 def test_fused_moe_mlp_large_configs_and_swizzle(bm, gu, dn, gm):
@@ -214,18 +215,19 @@ def test_fused_moe_mlp_large_configs_and_swizzle(bm, gu, dn, gm):
 
 
 def test_launch_configs_pick_large_blocks_by_rows_per_expert():
-    assert launch_configs(64 * 6 * 256, 64)[0] == LARGE_BLOCK_M and launch_configs(64 * 6 * 256, 64)[3] > 0
-    assert launch_configs(1536, 64)[0] == 32 and launch_configs(1536, 64)[3] == 0
+    assert launch_configs(64 * 6 * 256, 64)[0] == LARGE_BLOCK_M
+    assert launch_configs(1536, 64)[0] == 32
     assert launch_configs(64 * 6 * 32, 64)[1] != launch_configs(64 * 6 * 128, 64)[1]   # 192 vs 768 rows/expert
+    # round 9: the expert-major tile order at every size
+    assert {launch_configs(n, 64)[3] for n in (6, 384, 1536, 3072, 64 * 6 * 32, 64 * 6 * 256)} == {1}
 
 
-def test_block_m_by_rows_per_expert_and_expert_width():
-    """Round 6's thresholds: 16-row blocks up to 12 mean rows per expert, then 32; 64 from 41 rows for wide experts
-    (I >= 1024) and from 49 for narrow ones."""
-    assert launch_configs(64 * 12, 64, 1408)[0] == 16 and launch_configs(128 * 16, 128, 768)[0] == 32
-    assert launch_configs(64 * 48, 64, 1408)[0] == 64 and launch_configs(64 * 40, 64, 1408)[0] == 32
-    assert launch_configs(128 * 48, 128, 768)[0] == 32 and launch_configs(128 * 48, 128)[0] == 32
-    assert launch_configs(64 * 48, 64, 1408)[1:] == (MID64_GATE_UP_CONFIG, MID64_DOWN_CONFIG, 0)
+def test_block_m_by_rows_per_expert():
+    """Round 9's thresholds: 16-row blocks up to 12 mean rows per expert, 32 up to 24, 64 up to 48, then 128."""
+    assert launch_configs(64 * 12, 64)[0] == 16 and launch_configs(128 * 13, 128)[0] == 32
+    assert launch_configs(64 * 24, 64)[0] == 32 and launch_configs(64 * 24 + 1, 64)[0] == 64
+    assert launch_configs(128 * 48, 128)[0] == 64 and launch_configs(128 * 48 + 1, 128)[0] == LARGE_BLOCK_M
+    assert launch_configs(64 * 48, 64)[1:] == (MID64_GATE_UP_CONFIG, MID64_DOWN_CONFIG, 1)
 
 
 @kernels_here
