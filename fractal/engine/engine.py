@@ -70,10 +70,12 @@ class LLMEngine:
             if not config.enable_chunked_prefill:
                 wanted_len = min(wanted_len, config.max_num_batched_tokens)
         self.max_model_len = wanted_len
+        self.runner.allocate_kv_cache(num_blocks, self.max_model_len)
+        # after the KV pool: its sizing leaves out the swap-ins' device staging buffer, which taken first could fail it
         swap_space = config.swap_space if config.swap_space is not None else (
             DEFAULT_CUDA_SWAP_GIB if self.runner.is_cuda else 0.0)
         num_host_blocks = self.runner.init_swap_space(
-            int(swap_space * 2**30) // self.runner.kv_spec.bytes_per_block(config.block_size))
+            int(swap_space * 2**30) // self.runner.kv_spec.bytes_per_block(config.block_size), self.max_model_len)
         self.scheduler = Scheduler(
             SchedulerConfig(
                 num_blocks=num_blocks,
@@ -89,7 +91,6 @@ class LLMEngine:
                 num_host_blocks=num_host_blocks,
             )
         )
-        self.runner.allocate_kv_cache(num_blocks, self.max_model_len)
         self.warm_up_s = self.runner.warm_up(config.max_num_batched_tokens, self.max_model_len)
         self.runner.capture_cuda_graphs()
         self.async_scheduling = (

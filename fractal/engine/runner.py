@@ -40,6 +40,9 @@ from fractal.layers.sampler import Sampler, SamplingBatch, make_generator
 
 # KV budget on the CPU when none is given; never more than max_num_seqs full-length sequences need.
 DEFAULT_CPU_KV_BYTES = 256 * 1024**2
+# Most device memory the swap-ins' staging buffer takes (swap_staging_blocks): it comes out of the headroom that
+# the KV pool's sizing leaves to activations.
+SWAP_STAGING_MAX_BYTES = 256 * 1024**2
 log = logging.getLogger(__name__)
 # token id of a decode input that is still on the device (the previous step's sample, overlap mode)
 PLACEHOLDER = -1
@@ -62,6 +65,15 @@ def resolve_dtype(name: str, device: torch.device, hf_config: dict) -> torch.dty
         name = hf_config.get("dtype") or hf_config.get("torch_dtype")
         name = name if name in ("float32", "bfloat16", "float16") else "bfloat16"
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def swap_staging_blocks(bytes_per_block: int, block_size: int, max_model_len: int, num_host_blocks: int,
+                        max_bytes: int = SWAP_STAGING_MAX_BYTES) -> int:
+    """Blocks of the device buffer that swap-ins are staged through (CUDA, init_swap_space): one sequence of
+    max_model_len tokens, so that a swap-in usually takes one chunk, but no more than the host pool holds (no
+    step swaps in more) nor over max_bytes (longer swap-ins take several chunks), and at least 1."""
+    per_sequence = -(-max_model_len // block_size)
+    return max(1, min(per_sequence, num_host_blocks, max_bytes // bytes_per_block))
 
 
 @dataclass
@@ -184,6 +196,9 @@ class ModelRunner:
         self._host_pool: torch.Tensor | None = None
         self._host_free: list[int] = []
         self._copy_stream = None  # CUDA: the swap copies' stream (init_swap_space)
+        self._staging: torch.Tensor | None = None  # CUDA: the swap-ins' host -> device staging buffer
+        self._staging_blocks = 0  # its capacity in blocks; 0 (CPU, no buffer): a step's swap-ins in one chunk
+        self._staging_free = None  # CUDA: event after the last scatters that read the staging buffer
 
     # --- KV pool -------------------------------------------------------------------------------------
     def size_kv_pool(self, max_model_len: int) -> int:
@@ -288,22 +303,42 @@ class ModelRunner:
         self._release_host_blocks(self._swapped.pop(seq_id, None) or [])
 
     # --- swap space: preempted sequences' KV in host memory ------------------------------------------------------
-    def init_swap_space(self, num_host_blocks: int) -> int:
+    def init_swap_space(self, num_host_blocks: int, max_model_len: int | None = None) -> int:
         """One host buffer (pinned on CUDA) of `num_host_blocks` KV blocks, each holding one block of every layer
-        contiguously, allocated once: pinning memory per swap costs tens of milliseconds (R8-6). Returns the
-        blocks it holds: 0 (preemption by recompute) when the host cannot give that much memory."""
+        contiguously, allocated once: pinning memory per swap costs tens of milliseconds (R8-6). On CUDA also the
+        device buffer that swap-ins are staged through (`swap_staging_blocks` blocks of sequences up to
+        `max_model_len` tokens; call it after allocate_kv_cache, so that it cannot take the pool's memory). Returns
+        the blocks the host buffer holds: 0 (preemption by recompute) when the host, or the device for the staging
+        buffer, cannot give that much memory."""
         self._host_pool, self._host_free = None, []
+        self._staging, self._staging_blocks, self._staging_free = None, 0, None
         if num_host_blocks <= 0:
             return 0
         layer = self.kv_spec.layer_shape(1, self.block_size)
-        block_shape = layer[:self._block_dim] + layer[self._block_dim + 1:]
+        block_shape = (self.kv_spec.num_layers, *layer[:self._block_dim], *layer[self._block_dim + 1:])
         try:
-            self._host_pool = torch.empty((num_host_blocks, self.kv_spec.num_layers, *block_shape),
-                                          dtype=self.kv_spec.dtype, pin_memory=self.is_cuda)
+            self._host_pool = torch.empty((num_host_blocks, *block_shape), dtype=self.kv_spec.dtype,
+                                          pin_memory=self.is_cuda)
         except RuntimeError as exc:  # out of (pinnable) host memory
             log.warning("no swap space (%d KV blocks): %s; preempted sequences will be recomputed", num_host_blocks,
                         str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
             return 0
+        if self.is_cuda:
+            block_bytes = self.kv_spec.bytes_per_block(self.block_size)
+            max_len = max_model_len or self.config.max_model_len or self.model.config.max_position_embeddings
+            blocks = swap_staging_blocks(block_bytes, self.block_size, max_len, num_host_blocks)
+            try:
+                self._staging = torch.empty((blocks, *block_shape), dtype=self.kv_spec.dtype, device=self.device)
+            except RuntimeError as exc:  # out of device memory
+                log.warning("no swap space: no device memory for its %d-block staging buffer (%.1f MiB): %s; "
+                            "preempted sequences will be recomputed", blocks, blocks * block_bytes / 2**20,
+                            str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                self._host_pool = None
+                return 0
+            self._staging_blocks = blocks
+            log.info("swap space: %d host KV blocks; swap-ins staged through %d device blocks (%.1f MiB: "
+                     "%d-token sequences, at most %d MiB)", num_host_blocks, blocks, blocks * block_bytes / 2**20,
+                     max_len, SWAP_STAGING_MAX_BYTES // 2**20)
         self._host_free = list(range(num_host_blocks))
         self._copy_stream = torch.cuda.Stream(self.device) if self.is_cuda else None
         return num_host_blocks
@@ -321,52 +356,96 @@ class ModelRunner:
                 yield ids[start], i - start, start
                 start = i
 
+    @staticmethod
+    def _chunks(swap_in: list[tuple[int, list[int]]], capacity: int):
+        """The swap-ins' blocks, in order, in chunks of at most `capacity` blocks (what the staging buffer holds):
+        lists of (seq_id, slice of its blocks); small sequences share a chunk, a large one spans several."""
+        if capacity < 1:
+            raise ValueError(f"a chunk must hold at least one block, not {capacity}")
+        chunk, room = [], capacity
+        for seq_id, blocks in swap_in:
+            start = 0
+            while start < len(blocks):
+                take = min(room, len(blocks) - start)
+                chunk.append((seq_id, slice(start, start + take)))
+                start, room = start + take, room - take
+                if room == 0:
+                    yield chunk
+                    chunk, room = [], capacity
+        if chunk:
+            yield chunk
+
     def apply_swaps(self, output: SchedulerOutput) -> None:
         """The step's KV moves, enqueued before its forward. On the compute stream, in order: the swap-out gathers
         (each sequence's blocks of every layer into one staging tensor; they see every earlier step's writes, and
         this step may hand those blocks to others) and then the swap-in scatters (into the new blocks, possibly
-        the same ones). The PCIe copies run on a copy stream so that they overlap the GPU's work: host -> device
-        starts at once (the previous step is usually still running) and the scatters wait for it; device -> host
-        starts after its gather and overlaps this step. The host -> device staging memory comes from the copy
-        stream's pool, which keeps those segments cached for that stream (R8-12). Host blocks are reused only by
-        later copies on the copy stream, so after the copies that read them."""
+        the same ones). The PCIe copies run on a copy stream so that they overlap the GPU's work: device -> host
+        starts after its gather and overlaps this step; host -> device goes through the runner's staging buffer
+        (init_swap_space, `swap_staging_blocks`), not memory of the copy stream's pool, whose segments the compute
+        stream could never reuse (R8-12). The swap-ins go in chunks of what the buffer holds (`_chunks`): the
+        first is copied at once (the previous step is usually still running), before the gathers; each chunk's
+        scatters wait for its copy (event), and the next copy into the buffer, this step's or a later one's, waits
+        for those scatters (event). Host blocks are reused only by later copies on the copy stream, so after the
+        copies that read them."""
         if not (output.swap_out or output.swap_in):
             return
-        dim, pool, layers = self._block_dim, self._host_pool, len(self.kv_caches)
+        dim, pool = self._block_dim, self._host_pool
         cuda = self.is_cuda
         main = torch.cuda.current_stream() if cuda else None
         copy = self._copy_stream
-        incoming = []
-        for seq_id, blocks in output.swap_in:  # host -> device first: nothing on the GPU has to finish for it
-            host_ids = self._swapped.pop(seq_id)
-            with torch.cuda.stream(copy) if cuda else _nullcontext():
-                staged = torch.empty((len(blocks), layers, *pool.shape[2:]), dtype=pool.dtype, device=self.device)
-                for first, count, offset in self._runs(host_ids):
-                    staged[offset:offset + count].copy_(pool[first:first + count], non_blocking=cuda)
-            incoming.append((blocks, staged, host_ids))
-        arrived = copy.record_event() if cuda and incoming else None
+        host_ids = {seq_id: self._swapped.pop(seq_id) for seq_id, _ in output.swap_in}
+        capacity = self._staging_blocks or max(1, sum(len(blocks) for _, blocks in output.swap_in))
+        chunks = list(self._chunks(output.swap_in, capacity))
+        staged = self._stage(chunks[0], host_ids) if chunks else None  # nothing on the GPU has to finish for it
         for seq_id, blocks in output.swap_out:
             index = self._h2d(blocks, torch.long)
-            staged = torch.empty((len(blocks), layers, *pool.shape[2:]), dtype=pool.dtype, device=self.device)
+            gathered = torch.empty((len(blocks), *pool.shape[1:]), dtype=pool.dtype, device=self.device)
             for layer, cache in enumerate(self.kv_caches):
-                staged[:, layer].copy_(cache.index_select(dim, index).movedim(dim, 0))
-            host_ids, self._host_free = self._host_free[:len(blocks)], self._host_free[len(blocks):]
+                gathered[:, layer].copy_(cache.index_select(dim, index).movedim(dim, 0))
+            ids, self._host_free = self._host_free[:len(blocks)], self._host_free[len(blocks):]
             if cuda:
                 copy.wait_stream(main)  # after the gather
-                staged.record_stream(copy)
+                gathered.record_stream(copy)
             with torch.cuda.stream(copy) if cuda else _nullcontext():
-                for first, count, offset in self._runs(host_ids):
-                    pool[first:first + count].copy_(staged[offset:offset + count], non_blocking=cuda)
-            self._swapped[seq_id] = host_ids
-        if arrived is not None:
-            main.wait_event(arrived)
-        for blocks, staged, host_ids in incoming:
+                for first, count, offset in self._runs(ids):
+                    pool[first:first + count].copy_(gathered[offset:offset + count], non_blocking=cuda)
+            self._swapped[seq_id] = ids
+        blocks_of = dict(output.swap_in)
+        for i, chunk in enumerate(chunks):
+            if i:
+                staged = self._stage(chunk, host_ids)
+            buffer, arrived = staged
             if cuda:
-                staged.record_stream(main)
-            index = self._h2d(blocks, torch.long)
+                main.wait_event(arrived)
+            index = self._h2d([b for seq_id, part in chunk for b in blocks_of[seq_id][part]], torch.long)
             for layer, cache in enumerate(self.kv_caches):
-                cache.index_copy_(dim, index, staged[:, layer].movedim(0, dim))
-            self._release_host_blocks(host_ids)
+                cache.index_copy_(dim, index, buffer[:, layer].movedim(0, dim))
+            if cuda:
+                self._staging_free = main.record_event()  # the buffer's next copy waits for these reads
+
+    def _stage(self, chunk: list[tuple[int, slice]], host_ids: dict[int, list[int]]):
+        """Enqueue one chunk's host -> device copies (CUDA: into the staging buffer, on the copy stream, after the
+        scatters that read its previous contents; CPU: into a tensor of its own). Returns the staged blocks and,
+        on CUDA, the event of their arrival. The chunk's host blocks go back to the free list once their copies
+        are enqueued."""
+        pool, cuda, copy = self._host_pool, self.is_cuda, self._copy_stream
+        size = sum(part.stop - part.start for _, part in chunk)
+        with torch.cuda.stream(copy) if cuda else _nullcontext():
+            if self._staging is not None:
+                if self._staging_free is not None:
+                    copy.wait_event(self._staging_free)
+                buffer = self._staging[:size]
+            else:
+                buffer = torch.empty((size, *pool.shape[1:]), dtype=pool.dtype, device=self.device)
+            at = 0
+            for seq_id, part in chunk:
+                ids = host_ids[seq_id][part]
+                for first, count, offset in self._runs(ids):
+                    buffer[at + offset:at + offset + count].copy_(pool[first:first + count], non_blocking=cuda)
+                at += len(ids)
+                self._release_host_blocks(ids)
+            arrived = copy.record_event() if cuda else None
+        return buffer, arrived
 
     def _release_host_blocks(self, host_ids: list[int]) -> None:
         """Host blocks back to the free list, kept sorted so that later swap-outs get long consecutive runs."""

@@ -11,6 +11,7 @@ import torch
 
 from fractal import LLM, SamplingParams
 from fractal.engine.engine import LLMEngine
+from fractal.engine.runner import SWAP_STAGING_MAX_BYTES, ModelRunner, swap_staging_blocks
 from fractal.models.testing import FAMILIES, load_hf_reference, make_tiny_model
 
 MAX_TOKENS = 8
@@ -110,6 +111,72 @@ def test_tiny_pool_preempts_and_matches_hf(family_model, prefix_caching, balance
     assert not llm.engine.runner._swapped
     assert len(llm.engine.runner._host_free) == llm.engine.scheduler.config.num_host_blocks
     assert stats.kv_blocks_used == 0
+
+
+def test_swap_staging_blocks_rule():
+    mib = 2**20
+    assert swap_staging_blocks(mib // 4, 16, 1000, 10_000) == 63  # one 1000-token sequence: 63 blocks of 16
+    assert swap_staging_blocks(mib // 4, 16, 1000, 40) == 40  # no more than the host pool holds
+    assert swap_staging_blocks(2 * mib, 16, 128 * 1024, 10_000) == SWAP_STAGING_MAX_BYTES // (2 * mib)  # the cap
+    assert swap_staging_blocks(SWAP_STAGING_MAX_BYTES + 1, 16, 128 * 1024, 10_000) == 1  # at least 1
+    assert swap_staging_blocks(mib, 16, 1000, 10_000, max_bytes=8 * mib) == 8
+
+
+SWAP_INS = [(1, [10, 11, 12, 13, 14, 15, 16]), (2, [3]), (3, []), (4, [4, 5]), (5, [20, 21, 22])]
+
+
+@pytest.mark.parametrize("capacity", [1, 2, 3, 4, 7, 13, 100])
+def test_swap_in_chunks_cover_every_block_once_in_order(capacity):
+    chunks = list(ModelRunner._chunks(SWAP_INS, capacity))
+    blocks = dict(SWAP_INS)
+    flat = [(seq_id, b) for chunk in chunks for seq_id, part in chunk for b in blocks[seq_id][part]]
+    assert flat == [(seq_id, b) for seq_id, ids in SWAP_INS for b in ids]
+    sizes = [sum(part.stop - part.start for _, part in chunk) for chunk in chunks]
+    assert all(0 < n <= capacity for n in sizes)
+    assert all(n == capacity for n in sizes[:-1])  # only the last chunk is short: no more chunks than needed
+    assert all(part.stop > part.start for chunk in chunks for _, part in chunk)
+
+
+def test_swap_in_chunks_split_large_and_share_small():
+    assert list(ModelRunner._chunks(SWAP_INS, 3)) == [
+        [(1, slice(0, 3))], [(1, slice(3, 6))], [(1, slice(6, 7)), (2, slice(0, 1)), (4, slice(0, 1))],
+        [(4, slice(1, 2)), (5, slice(0, 2))], [(5, slice(2, 3))]]
+    assert list(ModelRunner._chunks(SWAP_INS, 100)) == [[(1, slice(0, 7)), (2, slice(0, 1)), (4, slice(0, 2)),
+                                                         (5, slice(0, 3))]]
+    assert list(ModelRunner._chunks([], 4)) == []
+    with pytest.raises(ValueError):
+        list(ModelRunner._chunks(SWAP_INS, 0))
+
+
+@pytest.mark.parametrize("capacity", [1, 3])
+def test_swap_ins_in_small_chunks_match_hf(family_model, monkeypatch, capacity):
+    """The chunked swap-in (on CUDA through a staging buffer of `capacity` blocks) with tiny chunks: swap-ins
+    of several blocks span several chunks, those of one step share them, and the tokens still equal HF's."""
+    path, ref = family_model
+    plans = []
+    chunks = ModelRunner._chunks
+
+    def recorded(swap_in, capacity):
+        plans.append(list(chunks(swap_in, capacity)))
+        return iter(plans[-1])
+
+    monkeypatch.setattr(ModelRunner, "_chunks", staticmethod(recorded))
+    llm = LLM(model=path, device="cpu", block_size=4, num_gpu_blocks=8, max_model_len=32,
+              enable_prefix_caching=False, preemption_balance=1, swap_space=0.01)
+    runner = llm.engine.runner
+    assert runner._staging is None and runner._staging_blocks == 0  # CPU: no staging buffer
+    runner._staging_blocks = capacity
+    prompts = MIXED * 2  # enough sequences for steps that swap several in
+    check(llm.generate(as_prompts(prompts), GREEDY), prompts, ref)
+    assert llm.get_stats().num_swapped_out_total > 0
+    sizes = [sum(part.stop - part.start for _, part in chunk) for plan in plans for chunk in plan]
+    assert sizes and max(sizes) == capacity
+    pieces = [[seq_id for chunk in plan for seq_id, _ in chunk] for plan in plans]
+    assert any(len(ids) > len(set(ids)) for ids in pieces)  # a swap-in split over chunks
+    if capacity > 1:
+        assert any(len(chunk) > 1 for plan in plans for chunk in plan)  # shared
+    assert not runner._swapped
+    assert len(runner._host_free) == llm.engine.scheduler.config.num_host_blocks
 
 
 def test_abort_midway_frees_pool(family_model):

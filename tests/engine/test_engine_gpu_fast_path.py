@@ -148,3 +148,36 @@ def test_launch_has_no_host_sync(model_path):
     while engine.has_unfinished_requests():
         engine.step()
     assert calls[0] >= 2
+
+
+def test_swap_ins_through_a_one_block_staging_buffer(model_path, monkeypatch):
+    """Preemption by swap (fast path, graphs, overlap) with the runner's staging buffer forced to one block: every
+    swap-in of several blocks takes several chunks (copy stream -> event -> scatter -> event -> next copy into the
+    same buffer); the tokens equal a run without preemption, up to near-ties."""
+    import fractal.engine.runner as runner_module
+
+    ref = _generate(model_path, "float32", PROMPTS, logprobs=2)
+    monkeypatch.setattr(runner_module, "swap_staging_blocks", lambda *args, **kwargs: 1)
+    sizes = []
+    chunks = runner_module.ModelRunner._chunks
+
+    def recorded(swap_in, capacity):
+        plan = list(chunks(swap_in, capacity))
+        sizes.extend(sum(part.stop - part.start for _, part in chunk) for chunk in plan)
+        return iter(plan)
+
+    monkeypatch.setattr(runner_module.ModelRunner, "_chunks", staticmethod(recorded))
+    # 12 blocks of 4 for five sequences of up to 21 + 12 tokens (9 blocks): preemption, swapped out and back in
+    llm = LLM(model=model_path, device="cuda", dtype="float32", block_size=4, max_num_seqs=8,
+              enable_prefix_caching=False, num_gpu_blocks=12, max_model_len=40, preemption_balance=1, swap_space=0.01)
+    runner = llm.engine.runner
+    assert runner._staging is not None and runner._staging.shape[0] == runner._staging_blocks == 1
+    assert runner._staging.shape[1:] == runner._host_pool.shape[1:] and runner._staging.is_cuda
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    outs = [o.outputs[0] for o in llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params)]
+    stats = llm.get_stats()
+    assert stats.num_swapped_out_total > 0 and stats.num_swapped_out_total == stats.num_preempted_total
+    assert len(sizes) > stats.num_swapped_out_total and set(sizes) == {1}  # several chunks per swap-in
+    assert runner._staging_free is not None and not runner._swapped
+    assert len(runner._host_free) == llm.engine.scheduler.config.num_host_blocks
+    assert _assert_same_up_to_ties(outs, ref, TIE["float32"]) >= len(PROMPTS) - 1
