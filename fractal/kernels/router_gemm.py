@@ -33,7 +33,10 @@ from fractal.kernels._triton_support import HAS_TRITON, INTERPRET, next_pow2, pd
 # above this the torch path runs. Round 6: raised from 256 to cover decode at b=512 and prefill steps too; there the
 # torch path was a float32 copy of x plus a SIMT float32 GEMM (13.6 us per layer at T=512, ~60 us at T=8192 on an H100)
 ROUTER_KERNEL_MAX_TOKENS = 1 << 16
-DOT_WIDE_MIN_TOKENS = 257  # from here the tl.dot variant takes 64 experts per program: x is read once, not E/16 times
+# from here the tl.dot variant takes 64 experts per program: x is read once, not E/16 times. Round 9 (R9-11, H100,
+# graph replay, 26 gates): at 257-1024 tokens that tile left only T/64 programs: T=512 E=64 8.9 us against 5.2 with
+# 16-expert tiles (E=128 8.6 vs 5.3); at T=4096 / 16384 the wide tile stays best or even (E=64 11.5 / 29.3 us).
+DOT_WIDE_MIN_TOKENS = 1025
 FMA_MAX_TOKENS = 128  # the exact multiply + sum variant up to this many tokens ...
 FMA_MAX_WORK = 1 << 26  # ... and T * E * H multiply-adds; above, tl.dot tiles (faster there on an H100)
 

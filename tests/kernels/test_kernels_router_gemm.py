@@ -117,10 +117,10 @@ def test_kernel_odd_sizes_and_determinism():
 
 
 @kernels_here
-@pytest.mark.parametrize("T,E,H", [(300, 64, 2048), (517, 256, 1024), (1200, 160, 512)])
+@pytest.mark.parametrize("T,E,H", [(1025, 64, 2048), (1100, 256, 1024), (1200, 160, 512)])
 def test_kernel_wide_tiles_at_prefill_sizes(T, E, H):
     """T >= DOT_WIDE_MIN_TOKENS: 64 experts per program (E not a multiple of 64 included)."""
-    assert T >= rg.DOT_WIDE_MIN_TOKENS
+    assert T >= rg.DOT_WIDE_MIN_TOKENS and rg._dot_tiles(T, E, H)[1] == min(64, max(16, rg.next_pow2(E)))
     torch.manual_seed(T + E)
     x = _nonzero(T, H, device=_KERNEL_DEVICE)
     w = _nonzero(E, H, device=_KERNEL_DEVICE, scale=0.02)
