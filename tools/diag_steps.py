@@ -183,7 +183,7 @@ def main(argv=None) -> int:
     import importlib
 
     for item in args.set:
-        target, value = item.split("=")
+        target, value = item.split("=", 1)
         module, attr = target.rsplit(".", 1)
         setattr(importlib.import_module(module), attr, ast.literal_eval(value))
         print(f"set {target} = {value}")

@@ -28,15 +28,12 @@ WIDE_CONFIGS = [(bn, bk, w, s) for bn, bk in itertools.product((32, 64, 128, 256
 def binaries() -> None:
     """Registers per thread, spills and shared memory of every compiled moe_fused_gemm GEMM binary."""
     from fractal.kernels import moe_fused_gemm as m
+    from fractal.kernels._triton_support import compiled_binaries
     for fn in (m._gate_up_silu_kernel, m._down_kernel):
-        for entry in fn.device_caches.values():
-            cache = entry[0] if isinstance(entry, tuple) else entry
-            for key, kernel in cache.items():
-                consts = {k: v for k, v in getattr(kernel, "constants", {}).items()
-                          if isinstance(k, str) and k.isupper() and k != "E"} if hasattr(kernel, "constants") else {}
-                md = kernel.metadata
-                print(f"  {fn.__name__:22s} warps {md.num_warps} stages {md.num_stages} regs {kernel.n_regs:3d} "
-                      f"spills {kernel.n_spills:3d} smem {md.shared // 1024:3d} KiB {consts or str(key)[:80]}")
+        for key, kernel in compiled_binaries(fn):
+            md = kernel.metadata
+            print(f"  {fn.__name__:22s} warps {md.num_warps} stages {md.num_stages} regs {kernel.n_regs:3d} "
+                  f"spills {kernel.n_spills:3d} smem {md.shared // 1024:3d} KiB {str(key)[:80]}")
 
 
 def sweep(model: str, T: int, wide: bool = False, defaults_only: bool = False) -> None:

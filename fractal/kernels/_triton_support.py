@@ -97,11 +97,16 @@ def compiled_variant_keys() -> set[tuple[str, str]]:
         if not name.startswith("fractal.kernels.") or module is None:
             continue
         for obj in vars(module).values():
-            caches = getattr(obj, "device_caches", None)
-            if isinstance(obj, triton.runtime.JITFunction) and caches:
+            if isinstance(obj, triton.runtime.JITFunction) and getattr(obj, "device_caches", None):
                 label = f"{name.rsplit('.', 1)[-1]}.{getattr(obj, '__name__', '?')}"
-                for entry in caches.values():
-                    cache = entry[0] if isinstance(entry, tuple) else entry
-                    for key in (cache.keys() if hasattr(cache, "keys") else ()):
-                        keys.add((label, str(key)))
+                keys.update((label, str(key)) for key, _ in compiled_binaries(obj))
     return keys
+
+
+def compiled_binaries(fn) -> list:
+    """(specialisation key, compiled kernel) of every binary one Triton JIT function holds, on every device."""
+    out = []
+    for entry in getattr(fn, "device_caches", {}).values():
+        cache = entry[0] if isinstance(entry, tuple) else entry
+        out.extend(cache.items() if hasattr(cache, "items") else ())
+    return out
